@@ -1,0 +1,26 @@
+"""fxcompress: NNI's compression config spec as a torch.fx graph-transform pass."""
+
+from fxcompress.api import compress, select, trace
+from fxcompress.config import load_config, parse_config
+from fxcompress.errors import ConfigError, TraceError
+from fxcompress.report import calibration, report, summary
+from fxcompress.training import SparsityScheduler, attach_optimizer, get_step, masks, set_step, update_masks
+
+__all__ = [
+    "ConfigError",
+    "SparsityScheduler",
+    "TraceError",
+    "attach_optimizer",
+    "calibration",
+    "compress",
+    "get_step",
+    "load_config",
+    "masks",
+    "parse_config",
+    "report",
+    "select",
+    "set_step",
+    "summary",
+    "trace",
+    "update_masks",
+]

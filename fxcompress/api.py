@@ -1,0 +1,144 @@
+"""compress(): trace the model (the only place that traces), run the passes, return a GraphModule."""
+
+from __future__ import annotations
+
+import copy
+import linecache
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxcompress.annotations import type_name_of
+from fxcompress.config import parse_config
+from fxcompress.errors import TraceError
+from fxcompress.matching import LayerInfo, check_against_model, resolve_all
+from fxcompress.passes.annotate import annotate_layers
+from fxcompress.passes.functionalize import functionalize_layers
+from fxcompress.passes.prune import rewrite_pruned_layers
+from fxcompress.passes.quantize import insert_fake_quant
+
+__all__ = ["compress", "layer_infos", "select", "trace"]
+
+LeafSpec = str | type[torch.nn.Module]
+
+
+def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequence[Any] | None = None,
+             leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None,
+             strict: bool = True, inplace: bool = False) -> torch.fx.GraphModule:
+    """Trace ``model`` and rewrite the layers ``config_list`` selects into masked / fake-quant form.
+
+    Args:
+        model: an ``nn.Module`` (traced with torch.fx) or an existing ``GraphModule``.
+        config_list: NNI-style list of sub-config dicts (see README / SPEC.md).
+        example_inputs: if given, the result is run once on them (eval mode, no grad) as a check.
+        leaf_modules: module types or qualified names the tracer must not enter.
+        concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments.
+        strict: model-dependent config problems raise (True) or warn (False).
+        inplace: reuse the model's modules instead of a deep copy.
+    Returns:
+        A new GraphModule that trains, compiles, exports and scripts.
+    Raises:
+        ConfigError: a bad config (nothing about the model is changed).
+        TraceError: the model cannot be traced; the message names the module and line.
+
+    >>> gm = compress(model, [{'op_types': ['Conv2d'], 'sparsity_per_layer': 0.5}])  # doctest: +SKIP
+    """
+    subs = parse_config(config_list)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compress: expected an nn.Module, got {type(model).__name__}")
+    check_against_model(subs, layer_infos(model), strict=strict)
+    if isinstance(model, torch.fx.GraphModule):
+        gm = model if inplace else copy.deepcopy(model)
+    else:
+        gm = trace(model if inplace else copy.deepcopy(model), leaf_modules, concrete_args)
+    annotate_layers(gm, subs)
+    functionalize_layers(gm)
+    rewrite_pruned_layers(gm)
+    insert_fake_quant(gm)
+    if example_inputs is not None:
+        _smoke_run(gm, example_inputs)
+    return gm
+
+
+def select(model: torch.nn.Module, config_list: Any, *, strict: bool = True) -> list[str]:
+    """Names of the layers ``config_list`` selects and does not exclude, in module order.
+
+    >>> select(model, [{'op_types': ['Conv2d']}, {'op_names': ['fc1']}])  # doctest: +SKIP
+    ['conv1', 'conv2', 'fc1']
+    """
+    subs = parse_config(config_list)
+    layers = layer_infos(model)
+    check_against_model(subs, layers, strict=strict)
+    return [name for name, res in resolve_all(subs, layers).items() if not res.winner.exclude]
+
+
+def layer_infos(model: torch.nn.Module) -> list[LayerInfo]:
+    """Every module of ``model`` as matching sees it, in ``named_modules`` order."""
+    return [LayerInfo(name, type_name_of(m), any(True for _ in m.children()))
+            for name, m in model.named_modules() if name]
+
+
+class _Tracer(torch.fx.Tracer):
+    """A tracer that also stops at user-given leaf modules and remembers where it is."""
+
+    def __init__(self, leaves: Iterable[LeafSpec]) -> None:
+        super().__init__()
+        leaves = list(leaves)
+        self.leaf_names = {x for x in leaves if isinstance(x, str)}
+        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self.module_stack_names: list[str] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.module_stack_names.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.module_stack_names.pop()
+        return result
+
+
+def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
+          concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """Symbolically trace ``model`` into a GraphModule that shares its modules.
+
+    Raises:
+        TraceError: naming the submodule and source line that could not be traced.
+    """
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as err:  # any tracing failure is reported the same way
+        where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+        raise TraceError(_trace_message(model, where, err)) from err
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _trace_message(model: torch.nn.Module, where: str, err: Exception) -> str:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    line = ""
+    if frames:
+        f = frames[-1]
+        code = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+        line = f" at {f.filename}:{f.lineno} ({code})"
+    module = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else "the top-level forward"
+    leaf = f"leaf_modules=['{where}']" if where else "leaf_modules=[...]"
+    return (f"torch.fx could not trace {module}{line}: {type(err).__name__}: {err}. "
+            f"Fix: pass compress(..., {leaf}) to keep that module opaque, or concrete_args={{...}} to fix "
+            "the argument its control flow depends on")
+
+
+def _smoke_run(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            gm(*example_inputs)
+    finally:
+        gm.train(was_training)

@@ -1,0 +1,417 @@
+"""Parse a config_list into frozen sub-configs; every ConfigError about the list is raised here."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from fxcompress.errors import ConfigError
+
+__all__ = [
+    "COMPRESSIBLE_TYPES",
+    "CRITERIA",
+    "PruneSetting",
+    "QuantPlan",
+    "QuantSetting",
+    "SubConfig",
+    "caller_stacklevel",
+    "load_config",
+    "parse_config",
+    "ratio_floor",
+]
+
+#: Layer type names fxcompress rewrites; what ``op_types: ['default']`` stands for.
+COMPRESSIBLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+QUANT_TYPES = ("weight", "input", "output")
+SCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric")
+DTYPES = ("int", "uint")
+CRITERIA = ("level", "l1", "l2", "fpgm", "random")
+_DEFAULT_SCHEME = {"weight": "per_channel_symmetric", "input": "per_tensor_affine", "output": "per_tensor_affine"}
+_DEFAULT_DTYPE = {"weight": "int", "input": "uint", "output": "uint"}
+
+_SELECTOR_KEYS = ("op_types", "op_names", "op_partial_names")
+_PRUNE_KEYS = ("sparsity_per_layer", "total_sparsity", "sparsity", "max_sparsity_per_layer",
+               "criterion", "granularity", "seed")
+_QUANT_KEYS = ("quant_types", "quant_bits", "quant_start_step", "quant_scheme", "quant_dtype")
+VALID_KEYS = _SELECTOR_KEYS + ("exclude",) + _PRUNE_KEYS + _QUANT_KEYS
+_PACKAGE_DIRS = (os.path.dirname(__file__), os.path.join(os.path.dirname(os.path.dirname(__file__)), "passes"))
+
+
+def ratio_floor(ratio: float, n: int) -> int:
+    """``floor(ratio * n)`` computed on the decimal the user wrote (0.29 of 100 is 29, not 28)."""
+    return math.floor(Fraction(repr(float(ratio))) * n)
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    """How one tensor kind (weight, input or output) of a layer is fake-quantized."""
+
+    bits: int
+    scheme: str
+    dtype: str
+
+    @property
+    def qmin(self) -> int:
+        return 0 if self.dtype == "uint" else -(2 ** (self.bits - 1) - 1)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1 if self.dtype == "uint" else 2 ** (self.bits - 1) - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scheme.startswith("per_channel")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.scheme.endswith("symmetric")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """The quantization a sub-config asks for: one setting per quantized tensor kind."""
+
+    weight: QuantSetting | None
+    input: QuantSetting | None
+    output: QuantSetting | None
+    start_step: int = 0
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(t for t in QUANT_TYPES if getattr(self, t) is not None)
+
+
+@dataclass(frozen=True)
+class PruneSetting:
+    """The pruning a sub-config asks for.
+
+    Exactly one of ``sparsity_per_layer`` / ``total_sparsity`` is set, except for an
+    ``N:M`` granularity, which fixes the sparsity itself and takes neither.
+    """
+
+    sparsity_per_layer: float | None = None
+    total_sparsity: float | None = None
+    max_sparsity_per_layer: float | tuple[tuple[str, float], ...] | None = None
+    criterion: str = "level"
+    granularity: str = "element"
+    seed: int = 0
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an ``'N:M'`` granularity, else None."""
+        if ":" not in self.granularity:
+            return None
+        n, m = self.granularity.split(":")
+        return int(n), int(m)
+
+    def cap_for(self, name: str) -> float | None:
+        """The ``max_sparsity_per_layer`` cap of one layer, or None when uncapped."""
+        cap = self.max_sparsity_per_layer
+        if isinstance(cap, tuple):
+            return dict(cap).get(name)
+        return cap
+
+
+@dataclass(frozen=True)
+class SubConfig:
+    """One validated sub-config of a config_list; ``index`` is its place in the list."""
+
+    index: int
+    op_types: tuple[str, ...] | None = None
+    op_names: tuple[str, ...] | None = None
+    op_partial_names: tuple[str, ...] | None = None
+    exclude: bool = False
+    prune: PruneSetting | None = None
+    quant: QuantPlan | None = None
+
+
+def load_config(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a config_list from a ``.json`` or ``.yaml``/``.yml`` file.
+
+    Args:
+        path: the file. YAML needs PyYAML installed.
+    Returns:
+        The raw config_list (validate it with :func:`parse_config` or pass it to ``compress``).
+    Raises:
+        ConfigError: the file cannot be read as a config list.
+
+    >>> load_config("cfg.json")  # doctest: +SKIP
+    [{'op_types': ['Conv2d'], 'sparsity_per_layer': 0.5}]
+    """
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: reading YAML needs PyYAML; run `pip install pyyaml` "
+                              "or write the config as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if isinstance(data, Mapping) and "config_list" in data:
+        data = data["config_list"]
+    return data
+
+
+def parse_config(config_list: Any) -> tuple[SubConfig, ...]:
+    """Validate a config_list and turn it into frozen :class:`SubConfig` objects.
+
+    Args:
+        config_list: a list of dicts, as in NNI's config specification.
+    Returns:
+        One SubConfig per dict, in order.
+    Raises:
+        ConfigError: the first problem found, naming ``config_list[i]['key']``.
+
+    >>> parse_config([{'op_types': ['Conv2d'], 'sparsity_per_layer': 0.5}])[0].prune.sparsity_per_layer
+    0.5
+    """
+    if isinstance(config_list, (str, bytes, Mapping)) or not isinstance(config_list, Sequence):
+        raise ConfigError(f"config_list: expected a list of dicts, got {type(config_list).__name__}; "
+                          "wrap a single sub-config in a list: [{...}]")
+    if len(config_list) == 0:
+        raise ConfigError("config_list: the list is empty; add at least one sub-config such as "
+                          "{'op_types': ['default'], 'sparsity_per_layer': 0.5}")
+    return tuple(_parse_sub(i, raw) for i, raw in enumerate(config_list))
+
+
+def _parse_sub(index: int, raw: Any) -> SubConfig:
+    where = f"config_list[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a dict, got {type(raw).__name__}")
+    for key in raw:
+        if key not in VALID_KEYS:
+            close = difflib.get_close_matches(str(key), VALID_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(VALID_KEYS)}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+    selectors = {k: _parse_selector(where, k, raw[k]) for k in _SELECTOR_KEYS if k in raw}
+    if not selectors:
+        raise ConfigError(f"{where}: no selector; add 'op_types', 'op_names' or 'op_partial_names' "
+                          "to say which layers this sub-config is for")
+    exclude = _parse_exclude(where, raw)
+    prune = _parse_prune(where, raw)
+    quant = _parse_quant(where, raw)
+    return SubConfig(index=index, exclude=exclude, prune=prune, quant=quant, **selectors)
+
+
+def _parse_selector(where: str, key: str, value: Any) -> tuple[str, ...]:
+    place = f"{where}['{key}']"
+    if isinstance(value, str):
+        raise ConfigError(f"{place}: expected a list of strings, got the bare string {value!r}; "
+                          f"write [{value!r}]")
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{place}: expected a list of non-empty strings, got {value!r}")
+    if len(value) == 0:
+        raise ConfigError(f"{place}: the list is empty and would select nothing; "
+                          "remove the key or name at least one entry")
+    if key == "op_types":
+        for name in value:
+            if name != "default" and name not in COMPRESSIBLE_TYPES:
+                close = difflib.get_close_matches(name, COMPRESSIBLE_TYPES + ("default",), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"{place}: {name!r} is not a layer type fxcompress can compress; "
+                                  f"{hint}supported: {', '.join(COMPRESSIBLE_TYPES)} or 'default'")
+        if "default" in value:
+            value = list(dict.fromkeys([t for t in value if t != "default"] + list(COMPRESSIBLE_TYPES)))
+    return tuple(value)
+
+
+def _parse_exclude(where: str, raw: Mapping[str, Any]) -> bool:
+    if "exclude" not in raw:
+        return False
+    if raw["exclude"] is not True:
+        raise ConfigError(f"{where}['exclude']: expected True, got {raw['exclude']!r}; "
+                          "remove the key to compress the selected layers")
+    clash = [k for k in _PRUNE_KEYS + _QUANT_KEYS if k in raw]
+    if clash:
+        raise ConfigError(f"{where}: 'exclude' cannot be combined with {clash[0]!r} (the spec makes them "
+                          "exclusive); put the settings in a separate sub-config")
+    return True
+
+
+def _ratio(place: str, value: Any, low_open: bool, high_closed: bool) -> float:
+    lo, hi = ("(0" if low_open else "[0"), ("1]" if high_closed else "1)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{place}: expected a number in {lo}, {hi}, got {value!r}")
+    ok_lo = value > 0 if low_open else value >= 0
+    ok_hi = value <= 1 if high_closed else value < 1
+    if not (ok_lo and ok_hi):
+        raise ConfigError(f"{place}: expected a number in {lo}, {hi}, got {value!r}")
+    return float(value)
+
+
+def _parse_prune(where: str, raw: Mapping[str, Any]) -> PruneSetting | None:
+    if not any(k in raw for k in _PRUNE_KEYS):
+        return None
+    if "sparsity" in raw:
+        if "sparsity_per_layer" in raw:
+            raise ConfigError(f"{where}: 'sparsity' and 'sparsity_per_layer' are the same setting; "
+                              "keep only 'sparsity_per_layer'")
+        warnings.warn(f"{where}['sparsity'] is the pruning-v1 name of 'sparsity_per_layer' and will be "
+                      "removed; rename the key", FutureWarning, stacklevel=caller_stacklevel())
+    per_layer_key = "sparsity_per_layer" if "sparsity_per_layer" in raw else "sparsity"
+    if per_layer_key in raw and "total_sparsity" in raw:
+        raise ConfigError(f"{where}: {per_layer_key!r} and 'total_sparsity' exclude each other; "
+                          "keep one (or use two sub-configs)")
+    per_layer = total = cap = None
+    if per_layer_key in raw:
+        per_layer = _ratio(f"{where}['{per_layer_key}']", raw[per_layer_key], False, False)
+    if "total_sparsity" in raw:
+        total = _ratio(f"{where}['total_sparsity']", raw["total_sparsity"], False, False)
+    if "max_sparsity_per_layer" in raw:
+        if total is None:
+            raise ConfigError(f"{where}['max_sparsity_per_layer']: only meaningful with 'total_sparsity'; "
+                              "add 'total_sparsity' or remove the cap")
+        cap = _parse_cap(f"{where}['max_sparsity_per_layer']", raw["max_sparsity_per_layer"])
+    setting = PruneSetting(per_layer, total, cap, _parse_criterion(where, raw),
+                           _parse_granularity(where, raw), _parse_seed(where, raw))
+    _check_prune_combination(where, setting)
+    return setting
+
+
+def _parse_cap(place: str, value: Any) -> float | tuple[tuple[str, float], ...]:
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{place}: expected a non-empty dict of layer name -> ratio, got {value!r}")
+        return tuple((k, _ratio(f"{place}[{k!r}]", v, True, True)) for k, v in value.items())
+    return _ratio(place, value, True, True)
+
+
+def _parse_criterion(where: str, raw: Mapping[str, Any]) -> str:
+    value = raw.get("criterion", "level")
+    if value not in CRITERIA:
+        raise ConfigError(f"{where}['criterion']: expected one of {', '.join(CRITERIA)}, got {value!r}")
+    return value
+
+
+def _parse_granularity(where: str, raw: Mapping[str, Any]) -> str:
+    value = raw.get("granularity", "element")
+    if value in ("element", "out_channel"):
+        return value
+    parts = value.split(":") if isinstance(value, str) else []
+    if len(parts) == 2 and all(p.isdigit() for p in parts) and 0 < int(parts[0]) < int(parts[1]):
+        return f"{int(parts[0])}:{int(parts[1])}"
+    raise ConfigError(f"{where}['granularity']: expected 'element', 'out_channel' or 'N:M' with "
+                      f"0 < N < M (e.g. '2:4'), got {value!r}")
+
+
+def _parse_seed(where: str, raw: Mapping[str, Any]) -> int:
+    value = raw.get("seed", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}['seed']: expected an int >= 0, got {value!r}")
+    return value
+
+
+def _check_prune_combination(where: str, s: PruneSetting) -> None:
+    if s.n_m is not None:
+        n, m = s.n_m
+        if s.sparsity_per_layer is not None or s.total_sparsity is not None:
+            raise ConfigError(f"{where}['granularity']: '{n}:{m}' fixes the sparsity at {m - n}/{m}; "
+                              "remove 'sparsity_per_layer' / 'total_sparsity'")
+    elif s.sparsity_per_layer is None and s.total_sparsity is None:
+        raise ConfigError(f"{where}: pruning keys without a sparsity; add 'sparsity_per_layer' or "
+                          "'total_sparsity'")
+    if s.total_sparsity is not None and s.granularity != "element":
+        raise ConfigError(f"{where}['granularity']: 'total_sparsity' ranks single weights globally and "
+                          f"needs granularity 'element', got {s.granularity!r}; use 'sparsity_per_layer'")
+    if s.criterion == "fpgm" and s.granularity != "out_channel":
+        raise ConfigError(f"{where}['criterion']: 'fpgm' ranks whole filters; add "
+                          "'granularity': 'out_channel'")
+
+
+def _parse_quant(where: str, raw: Mapping[str, Any]) -> QuantPlan | None:
+    if "quant_types" not in raw:
+        for key in ("quant_bits", "quant_start_step", "quant_scheme", "quant_dtype"):
+            if key in raw:
+                raise ConfigError(f"{where}[{key!r}]: only meaningful with 'quant_types'; add "
+                                  "'quant_types': ['input', 'weight'] or remove the key")
+        return None
+    types = _parse_quant_types(f"{where}['quant_types']", raw["quant_types"])
+    if "quant_bits" not in raw:
+        raise ConfigError(f"{where}: 'quant_types' needs 'quant_bits'; add e.g. 'quant_bits': 8")
+    bits = _per_type(f"{where}['quant_bits']", raw["quant_bits"], types, None, _check_bits)
+    schemes = _per_type(f"{where}['quant_scheme']", raw.get("quant_scheme"), types, _DEFAULT_SCHEME,
+                        _choice(SCHEMES), partial=True)
+    dtypes = _per_type(f"{where}['quant_dtype']", raw.get("quant_dtype"), types, _DEFAULT_DTYPE,
+                       _choice(DTYPES), partial=True)
+    start = raw.get("quant_start_step", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ConfigError(f"{where}['quant_start_step']: expected an int >= 0, got {start!r}")
+    settings = {t: QuantSetting(bits[t], schemes[t], dtypes[t]) for t in types}
+    return QuantPlan(settings.get("weight"), settings.get("input"), settings.get("output"), start)
+
+
+def _parse_quant_types(place: str, value: Any) -> tuple[str, ...]:
+    types = [value] if isinstance(value, str) else value
+    if not isinstance(types, Sequence) or not types:
+        raise ConfigError(f"{place}: expected a non-empty list of 'weight', 'input', 'output', got {value!r}")
+    for t in types:
+        if t not in QUANT_TYPES:
+            close = difflib.get_close_matches(str(t), QUANT_TYPES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{place}: unknown quantization type {t!r}{hint} "
+                              "(expected 'weight', 'input' or 'output')")
+    if len(set(types)) != len(types):
+        raise ConfigError(f"{place}: repeated entries in {list(types)!r}; list each type once")
+    if ("weight" in types) != ("input" in types):
+        raise ConfigError(f"{place}: 'weight' and 'input' are always quantized together (spec); "
+                          "write ['input', 'weight']")
+    return tuple(types)
+
+
+def _check_bits(place: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
+        raise ConfigError(f"{place}: expected an int bit width in 2..16, got {value!r}")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Any:
+    def check(place: str, value: Any) -> str:
+        if value not in options:
+            close = difflib.get_close_matches(str(value), options, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{place}: expected one of {', '.join(options)}, got {value!r}{hint}")
+        return value
+
+    return check
+
+
+def _per_type(place: str, value: Any, types: tuple[str, ...], defaults: Mapping[str, Any] | None,
+              check: Any, partial: bool = False) -> dict[str, Any]:
+    """Expand a scalar-or-dict key into one checked value per quantized type."""
+    if value is None:
+        return {t: defaults[t] for t in types} if defaults else {}
+    if not isinstance(value, Mapping):
+        return {t: check(place, value) for t in types}
+    keys = set(value)
+    if keys - set(types) or (not partial and keys != set(types)):
+        raise ConfigError(f"{place}: dict keys {sorted(keys)} must {'be among' if partial else 'equal'} "
+                          f"quant_types {list(types)}")
+    out = {t: defaults[t] for t in types} if defaults else {}
+    out.update({t: check(f"{place}[{t!r}]", v) for t, v in value.items()})
+    return out
+
+
+def caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside fxcompress, so warnings point at user code."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(frame.f_code.co_filename).startswith(_PACKAGE_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -1,0 +1,122 @@
+"""The plan table and calibration export, built from annotations and module state only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import tabulate
+import torch
+import torch.fx
+
+from fxcompress.annotations import LayerPlan, layer_plans
+
+__all__ = ["LayerRow", "calibration", "report", "summary"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer of the plan table."""
+
+    name: str
+    type_name: str
+    params: int
+    config_index: int | None
+    overridden: tuple[int, ...]
+    excluded: bool
+    target: str
+    achieved_sparsity: float | None
+    pruned: int | None
+    quant: str
+    start_step: int | None
+    ranges: str
+
+
+def report(gm: torch.fx.GraphModule) -> list[LayerRow]:
+    """One row per annotated layer, in graph order.
+
+    >>> [r.name for r in report(gm)]  # doctest: +SKIP
+    ['conv1', 'conv2', 'fc1']
+    """
+    return [_row(gm, plan) for plan in layer_plans(gm.graph).values()]
+
+
+def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
+    layer = gm.get_submodule(plan.name)
+    params = layer.weight.numel()
+    mask = getattr(layer, "weight_mask", None)
+    pruned = None if mask is None else int(params - int(mask.sum()))
+    q = plan.quant
+    quant = "" if q is None else ", ".join(f"{t}:{getattr(q, t).bits}b {getattr(q, t).scheme} {getattr(q, t).dtype}"
+                                           for t in q.types)
+    ranges = []
+    for kind in ("input", "output"):
+        quantizer = getattr(layer, f"{kind}_quantizer", None)
+        if quantizer is not None and bool(quantizer.initialized):
+            ranges.append(f"{kind} [{float(quantizer.tracked_min):.4g}, {float(quantizer.tracked_max):.4g}]")
+    return LayerRow(name=plan.name, type_name=plan.type_name, params=params, config_index=plan.config_index,
+                    overridden=plan.overridden, excluded=plan.excluded, target=_target(plan),
+                    achieved_sparsity=None if pruned is None else pruned / params, pruned=pruned, quant=quant,
+                    start_step=None if q is None else q.start_step, ranges="; ".join(ranges))
+
+
+def _target(plan: LayerPlan) -> str:
+    p = plan.prune
+    if plan.excluded:
+        return "excluded"
+    if p is None:
+        return ""
+    if p.n_m is not None:
+        return f"{p.granularity} ({p.criterion})"
+    if p.total_sparsity is not None:
+        cap = p.cap_for(plan.name)
+        return f"total {p.total_sparsity:g}" + (f" (cap {cap:g})" if cap is not None else "")
+    extra = "" if p.granularity == "element" else f" {p.granularity}"
+    return f"{p.sparsity_per_layer:g}{extra} ({p.criterion})"
+
+
+def summary(gm: torch.fx.GraphModule) -> str:
+    """The plan table rendered with tabulate, with a totals row.
+
+    >>> print(summary(gm))  # doctest: +SKIP
+    """
+    rows = report(gm)
+    table = [[r.name, r.type_name, r.params, r.config_index,
+              ",".join(map(str, r.overridden)) or "-", r.target,
+              "" if r.achieved_sparsity is None else f"{r.achieved_sparsity:.2%}",
+              r.quant, "" if r.start_step is None else r.start_step, r.ranges] for r in rows]
+    params = sum(r.params for r in rows)
+    pruned = sum(r.pruned or 0 for r in rows)
+    table.append(["TOTAL", f"{len(rows)} layers", params, "", "", "",
+                  f"{pruned / params:.2%}" if params and any(r.pruned is not None for r in rows) else "",
+                  f"{sum(1 for r in rows if r.quant)} quantized", "", ""])
+    headers = ["layer", "type", "#params", "config", "overrides", "target", "sparsity", "quant", "start", "ranges"]
+    return tabulate.tabulate(table, headers=headers, tablefmt="github")
+
+
+def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """Per quantized layer, NNI's export fields as plain Python numbers and lists (JSON-ready).
+
+    Fields: ``weight_bits``, ``weight_scale``, ``weight_zero_point``, ``input_bits``,
+    ``tracked_min_input``, ``tracked_max_input``, ``output_bits``, ``tracked_min_output``,
+    ``tracked_max_output`` (for the quantized types of each layer).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, plan in layer_plans(gm.graph).items():
+        if plan.quant is None:
+            continue
+        layer = gm.get_submodule(name)
+        fields: dict[str, Any] = {}
+        if plan.quant.weight is not None:
+            weight = layer.weight * layer.weight_mask if hasattr(layer, "weight_mask") else layer.weight
+            scale, zero_point = layer.weight_quantizer.current_qparams(weight)
+            fields.update(weight_bits=plan.quant.weight.bits, weight_scale=scale.tolist(),
+                          weight_zero_point=zero_point.tolist())
+        for kind in ("input", "output"):
+            quantizer = getattr(layer, f"{kind}_quantizer", None)
+            if quantizer is not None:
+                fields[f"{kind}_bits"] = quantizer.bits
+                fields[f"tracked_min_{kind}"] = float(quantizer.tracked_min)
+                fields[f"tracked_max_{kind}"] = float(quantizer.tracked_max)
+        out[name] = fields
+    return out

@@ -1,0 +1,3 @@
+"""Graph passes of fxcompress, one per file; installed as ``fxcompress.passes``."""
+
+__all__: list[str] = []

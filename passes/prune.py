@@ -1,0 +1,95 @@
+"""Pruning pass: compute exact masks and splice ``weight * weight_mask`` into each pruned layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxcompress.annotations import LayerPlan, get_plan, layer_plans
+from fxcompress.quant import apply_mask
+from fxcompress.sparsity import global_masks, layer_mask
+
+__all__ = ["compute_masks", "install_masks", "rewrite_pruned_layers"]
+
+
+def compute_masks(gm: torch.nn.Module, plans: dict[str, LayerPlan], fraction: float = 1.0
+                  ) -> dict[str, torch.Tensor]:
+    """Weight keep-masks of every pruned layer from its current weights, at ``fraction`` of the target.
+
+    ``total_sparsity`` layers are allocated together per sub-config (the group of layers for
+    which that sub-config is the one that applies).
+
+    Raises:
+        ConfigError: unreachable caps, or an N:M pattern that does not fit a layer.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    groups: dict[int, dict[str, torch.Tensor]] = {}
+    for name, plan in plans.items():
+        if plan.prune is None:
+            continue
+        weight = gm.get_submodule(name).weight
+        if plan.prune.total_sparsity is not None:
+            groups.setdefault(plan.config_index, {})[name] = weight
+        else:
+            masks[name] = layer_mask(weight, plan.prune, name, fraction)
+    for index, weights in groups.items():
+        setting = plans[next(iter(weights))].prune
+        masks.update(global_masks(weights, setting, f"config_list[{index}]", fraction))
+    return {name: masks[name] for name in plans if name in masks}
+
+
+def install_masks(gm: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Store masks as ``<layer>.weight_mask`` / ``<layer>.bias_mask`` bool buffers (copy into existing ones).
+
+    A bias entry is pruned when the whole output row/filter it belongs to is pruned.
+    """
+    for name, mask in masks.items():
+        layer = gm.get_submodule(name)
+        mask = mask.to(layer.weight.device)
+        values = {"weight_mask": mask}
+        if layer.bias is not None:
+            values["bias_mask"] = mask.reshape(mask.shape[0], -1).any(dim=1)
+        for attr, value in values.items():
+            if hasattr(layer, attr):
+                getattr(layer, attr).copy_(value)
+            else:
+                layer.register_buffer(attr, value)
+
+
+def rewrite_pruned_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Mask the weight (and bias) of every functional layer call annotated with a pruning plan.
+
+    Args:
+        gm: an annotated GraphModule whose compressed layers are functional (see functionalize).
+    Returns:
+        ``gm``, with ``mul(weight, weight_mask)`` nodes feeding each pruned layer.
+    Raises:
+        ConfigError: before any change, when a mask cannot be computed.
+    """
+    plans = {n: p for n, p in layer_plans(gm.graph).items() if p.prune is not None}
+    new_masks = compute_masks(gm, {n: p for n, p in plans.items()
+                                   if not hasattr(gm.get_submodule(n), "weight_mask")})
+    install_masks(gm, new_masks)
+    for node in list(gm.graph.nodes):
+        plan = get_plan(node)
+        if node.op != "call_function" or plan is None or plan.prune is None:
+            continue
+        _mask_arg(gm.graph, node, 1, f"{plan.name}.weight_mask", torch.mul)
+        if node.args[2] is not None:
+            # TorchScript types a layer's bias as Optional[Tensor]: mask it through a typed helper
+            _mask_arg(gm.graph, node, 2, f"{plan.name}.bias_mask", apply_mask)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _mask_arg(graph: torch.fx.Graph, node: torch.fx.Node, index: int, mask_path: str, op: Any) -> None:
+    arg = node.args[index]
+    if arg.op == "call_function" and arg.target is op and arg.args[1].target == mask_path:
+        return  # already masked: the pass is idempotent
+    with graph.inserting_before(node):
+        mask = graph.get_attr(mask_path)
+        masked = graph.call_function(op, (arg, mask))
+    node.update_arg(index, masked)
