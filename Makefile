@@ -7,7 +7,7 @@ PIP := .venv/bin/pip
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch torchvision
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test,demo]'
 	touch $@
 
 demo: .venv/.installed

@@ -1,6 +1,6 @@
 """fxcompress: NNI's compression config spec as a torch.fx graph-transform pass."""
 
-from fxcompress.api import compress, select, trace
+from fxcompress.api import compress, plan, select, trace
 from fxcompress.config import load_config, parse_config
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.report import calibration, report, summary
@@ -17,6 +17,7 @@ __all__ = [
     "load_config",
     "masks",
     "parse_config",
+    "plan",
     "report",
     "select",
     "set_step",

@@ -20,7 +20,7 @@ from fxcompress.passes.functionalize import functionalize_layers
 from fxcompress.passes.prune import rewrite_pruned_layers
 from fxcompress.passes.quantize import insert_fake_quant
 
-__all__ = ["compress", "layer_infos", "select", "trace"]
+__all__ = ["compress", "layer_infos", "plan", "select", "trace"]
 
 LeafSpec = str | type[torch.nn.Module]
 
@@ -46,6 +46,23 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
 
     >>> gm = compress(model, [{'op_types': ['Conv2d'], 'sparsity_per_layer': 0.5}])  # doctest: +SKIP
     """
+    gm = plan(model, config_list, leaf_modules=leaf_modules, concrete_args=concrete_args, strict=strict,
+              inplace=inplace)
+    functionalize_layers(gm)
+    rewrite_pruned_layers(gm)
+    insert_fake_quant(gm)
+    if example_inputs is not None:
+        _smoke_run(gm, example_inputs)
+    return gm
+
+
+def plan(model: torch.nn.Module, config_list: Any, *, leaf_modules: Iterable[LeafSpec] = (),
+         concrete_args: dict[str, Any] | None = None, strict: bool = True,
+         inplace: bool = False) -> torch.fx.GraphModule:
+    """The dry run: trace and annotate only; ``report``/``summary`` show what ``compress`` would do.
+
+    Arguments as for :func:`compress`; the returned GraphModule computes exactly what the model does.
+    """
     subs = parse_config(config_list)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compress: expected an nn.Module, got {type(model).__name__}")
@@ -54,13 +71,7 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
         gm = model if inplace else copy.deepcopy(model)
     else:
         gm = trace(model if inplace else copy.deepcopy(model), leaf_modules, concrete_args)
-    annotate_layers(gm, subs)
-    functionalize_layers(gm)
-    rewrite_pruned_layers(gm)
-    insert_fake_quant(gm)
-    if example_inputs is not None:
-        _smoke_run(gm, example_inputs)
-    return gm
+    return annotate_layers(gm, subs)
 
 
 def select(model: torch.nn.Module, config_list: Any, *, strict: bool = True) -> list[str]:

@@ -104,7 +104,7 @@ def _check_names(sub: SubConfig, by_name: dict[str, LayerInfo]) -> list[str]:
     for name in sub.op_names or ():
         place = f"config_list[{sub.index}]['op_names']"
         if name not in by_name:
-            close = difflib.get_close_matches(name, list(by_name), n=3)
+            close = difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.5)
             hint = f"; close names: {', '.join(close)}" if close else ""
             problems.append(f"{place}: no module named {name!r} in the model{hint}")
         elif by_name[name].type_name not in COMPRESSIBLE_TYPES:

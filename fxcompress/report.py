@@ -10,6 +10,7 @@ import torch
 import torch.fx
 
 from fxcompress.annotations import LayerPlan, layer_plans
+from fxcompress.config import QuantSetting
 
 __all__ = ["LayerRow", "calibration", "report", "summary"]
 
@@ -47,8 +48,7 @@ def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
     mask = getattr(layer, "weight_mask", None)
     pruned = None if mask is None else int(params - int(mask.sum()))
     q = plan.quant
-    quant = "" if q is None else ", ".join(f"{t}:{getattr(q, t).bits}b {getattr(q, t).scheme} {getattr(q, t).dtype}"
-                                           for t in q.types)
+    quant = "" if q is None else ", ".join(_quant_text(t, getattr(q, t)) for t in q.types)
     ranges = []
     for kind in ("input", "output"):
         quantizer = getattr(layer, f"{kind}_quantizer", None)
@@ -58,6 +58,11 @@ def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
                     overridden=plan.overridden, excluded=plan.excluded, target=_target(plan),
                     achieved_sparsity=None if pruned is None else pruned / params, pruned=pruned, quant=quant,
                     start_step=None if q is None else q.start_step, ranges="; ".join(ranges))
+
+
+def _quant_text(kind: str, s: QuantSetting) -> str:
+    scheme = ("ch-" if s.per_channel else "") + ("sym" if s.symmetric else "aff")
+    return f"{kind} {s.dtype}{s.bits} {scheme}"
 
 
 def _target(plan: LayerPlan) -> str:

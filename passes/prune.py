@@ -87,8 +87,9 @@ def rewrite_pruned_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _mask_arg(graph: torch.fx.Graph, node: torch.fx.Node, index: int, mask_path: str, op: Any) -> None:
     arg = node.args[index]
-    if arg.op == "call_function" and arg.target is op and arg.args[1].target == mask_path:
-        return  # already masked: the pass is idempotent
+    inner = arg.args[0] if arg.op == "call_module" and arg.target.endswith("_quantizer") else arg
+    if inner.op == "call_function" and inner.target is op and inner.args[1].target == mask_path:
+        return  # already masked (maybe quantized after): the pass is idempotent
     with graph.inserting_before(node):
         mask = graph.get_attr(mask_path)
         masked = graph.call_function(op, (arg, mask))

@@ -1,0 +1,66 @@
+"""Tiny CPU models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcompress.examples import SeedModel
+
+__all__ = ["CalledTwice", "Nested", "SeedModel", "TwoLayers", "seed_input"]
+
+
+def seed_input(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+class TwoLayers(nn.Module):
+    """Layers of 500 and 1000 weights (the spec's total_sparsity example), no bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_1 = nn.Linear(50, 10, bias=False)
+        self.layer_2 = nn.Linear(10, 100, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_2(self.layer_1(x))
+
+
+class CalledTwice(nn.Module):
+    """One Linear used at two places in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.shared(F.relu(self.shared(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.proj = nn.Conv1d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(x)))
+        n, c, h, w = y.shape
+        return self.proj(y.flatten(2)).reshape(n, c, h, w) + x
+
+
+class Nested(nn.Module):
+    """Containers, several layer types, a BatchNorm that cannot be compressed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(Block(4), Block(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(x.mean(dim=(2, 3)))
