@@ -127,8 +127,22 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
     except Exception as err:  # any tracing failure is reported the same way
         where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
         raise TraceError(_trace_message(model, where, err)) from err
-    name = model.__class__.__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    _resolve_string_annotations(graph, model)
+    return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def _resolve_string_annotations(graph: torch.fx.Graph, model: torch.nn.Module) -> None:
+    """Evaluate ``from __future__ import annotations`` strings on inputs/outputs.
+
+    fx would print them as unknown names (``x: _torch_Tensor_``), which TorchScript rejects.
+    """
+    scope = getattr(type(model).forward, "__globals__", {})
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            try:
+                node.type = eval(node.type, dict(scope))  # the user's own annotation, in its own module
+            except Exception:  # an annotation that cannot be evaluated is dropped, not fatal
+                node.type = None
 
 
 def _trace_message(model: torch.nn.Module, where: str, err: Exception) -> str:
