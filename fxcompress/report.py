@@ -99,6 +99,7 @@ def summary(gm: torch.fx.GraphModule) -> str:
     return tabulate.tabulate(table, headers=headers, tablefmt="github")
 
 
+@torch.no_grad()
 def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
     """Per quantized layer, NNI's export fields as plain Python numbers and lists (JSON-ready).
 
