@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import linecache
+import logging
 import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -11,16 +12,20 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxcompress.annotations import type_name_of
+from fxcompress.annotations import RECORD, layer_plans, type_name_of
 from fxcompress.config import parse_config
 from fxcompress.errors import TraceError
+from fxcompress.layers import CompressionRecord
 from fxcompress.matching import LayerInfo, check_against_model, resolve_all
 from fxcompress.passes.annotate import annotate_layers
 from fxcompress.passes.functionalize import functionalize_layers
+from fxcompress.passes.leaf_layers import rewrite_leaf_layers
 from fxcompress.passes.prune import rewrite_pruned_layers
 from fxcompress.passes.quantize import insert_fake_quant
 
 __all__ = ["compress", "layer_infos", "plan", "select", "trace"]
+
+log = logging.getLogger(__name__)
 
 LeafSpec = str | type[torch.nn.Module]
 
@@ -48,9 +53,11 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     """
     gm = plan(model, config_list, leaf_modules=leaf_modules, concrete_args=concrete_args, strict=strict,
               inplace=inplace)
+    rewrite_leaf_layers(gm)
     functionalize_layers(gm)
     rewrite_pruned_layers(gm)
     insert_fake_quant(gm)
+    _record_plans(gm)
     if example_inputs is not None:
         _smoke_run(gm, example_inputs)
     return gm
@@ -95,7 +102,7 @@ def layer_infos(model: torch.nn.Module) -> list[LayerInfo]:
 class _Tracer(torch.fx.Tracer):
     """A tracer that also stops at user-given leaf modules and remembers where it is."""
 
-    def __init__(self, leaves: Iterable[LeafSpec]) -> None:
+    def __init__(self, leaves: Iterable[LeafSpec] = ()) -> None:
         super().__init__()
         leaves = list(leaves)
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
@@ -115,18 +122,29 @@ class _Tracer(torch.fx.Tracer):
 
 
 def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
-          concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None, fallback: bool = True) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` into a GraphModule that shares its modules.
 
+    When a submodule cannot be traced (data-dependent control flow, say) and ``fallback`` is
+    True, it becomes a leaf module and tracing is retried; the layers inside such leaves are
+    compressed by module-level rewriting later.
+
     Raises:
-        TraceError: naming the submodule and source line that could not be traced.
+        TraceError: naming the submodule and source line that could not be traced, when the
+            top-level forward fails or ``fallback`` is False.
     """
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model, concrete_args)
-    except Exception as err:  # any tracing failure is reported the same way
-        where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
-        raise TraceError(_trace_message(model, where, err)) from err
+    leaves = list(leaf_modules)
+    while True:
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(model, concrete_args)
+            break
+        except Exception as err:  # any tracing failure is handled the same way
+            where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+            if not fallback or not where or where in leaves:
+                raise TraceError(_trace_message(model, where, err)) from err
+            log.info("torch.fx cannot trace %r (%s); retrying with it as a leaf module", where, err)
+            leaves.append(where)
     _resolve_string_annotations(graph, model)
     return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
@@ -157,6 +175,16 @@ def _trace_message(model: torch.nn.Module, where: str, err: Exception) -> str:
     return (f"torch.fx could not trace {module}{line}: {type(err).__name__}: {err}. "
             f"Fix: pass compress(..., {leaf}) to keep that module opaque, or concrete_args={{...}} to fix "
             "the argument its control flow depends on")
+
+
+def _record_plans(gm: torch.fx.GraphModule) -> None:
+    if hasattr(gm, RECORD):
+        return
+    # first in the tree, so a mismatching checkpoint is refused before any other module loads
+    others = dict(gm._modules)
+    gm._modules.clear()
+    gm.add_module(RECORD, CompressionRecord(layer_plans(gm.graph)))
+    gm._modules.update(others)
 
 
 def _smoke_run(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:

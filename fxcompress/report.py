@@ -9,7 +9,7 @@ import tabulate
 import torch
 import torch.fx
 
-from fxcompress.annotations import LayerPlan, layer_plans
+from fxcompress.annotations import LayerPlan, plans_of
 from fxcompress.config import QuantSetting
 
 __all__ = ["LayerRow", "calibration", "report", "summary"]
@@ -21,6 +21,7 @@ class LayerRow:
 
     name: str
     type_name: str
+    site: str
     params: int
     config_index: int | None
     overridden: tuple[int, ...]
@@ -39,7 +40,7 @@ def report(gm: torch.fx.GraphModule) -> list[LayerRow]:
     >>> [r.name for r in report(gm)]  # doctest: +SKIP
     ['conv1', 'conv2', 'fc1']
     """
-    return [_row(gm, plan) for plan in layer_plans(gm.graph).values()]
+    return [_row(gm, plan) for plan in plans_of(gm).values()]
 
 
 def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
@@ -54,7 +55,8 @@ def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
         quantizer = getattr(layer, f"{kind}_quantizer", None)
         if quantizer is not None and bool(quantizer.initialized):
             ranges.append(f"{kind} [{float(quantizer.tracked_min):.4g}, {float(quantizer.tracked_max):.4g}]")
-    return LayerRow(name=plan.name, type_name=plan.type_name, params=params, config_index=plan.config_index,
+    site = "graph" if plan.leaf is None else f"in leaf {plan.leaf}"
+    return LayerRow(name=plan.name, type_name=plan.type_name, site=site, params=params, config_index=plan.config_index,
                     overridden=plan.overridden, excluded=plan.excluded, target=_target(plan),
                     achieved_sparsity=None if pruned is None else pruned / params, pruned=pruned, quant=quant,
                     start_step=None if q is None else q.start_step, ranges="; ".join(ranges))
@@ -86,16 +88,16 @@ def summary(gm: torch.fx.GraphModule) -> str:
     >>> print(summary(gm))  # doctest: +SKIP
     """
     rows = report(gm)
-    table = [[r.name, r.type_name, r.params, r.config_index,
+    table = [[r.name, r.type_name, r.site, r.params, r.config_index,
               ",".join(map(str, r.overridden)) or "-", r.target,
               "" if r.achieved_sparsity is None else f"{r.achieved_sparsity:.2%}",
               r.quant, "" if r.start_step is None else r.start_step, r.ranges] for r in rows]
     params = sum(r.params for r in rows)
     pruned = sum(r.pruned or 0 for r in rows)
-    table.append(["TOTAL", f"{len(rows)} layers", params, "", "", "",
+    table.append(["TOTAL", f"{len(rows)} layers", "", params, "", "", "",
                   f"{pruned / params:.2%}" if params and any(r.pruned is not None for r in rows) else "",
                   f"{sum(1 for r in rows if r.quant)} quantized", "", ""])
-    headers = ["layer", "type", "#params", "config", "overrides", "target", "sparsity", "quant", "start", "ranges"]
+    headers = ["layer", "type", "rewritten", "#params", "config", "overrides", "target", "sparsity", "quant", "start", "ranges"]
     return tabulate.tabulate(table, headers=headers, tablefmt="github")
 
 
@@ -108,7 +110,7 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
     ``tracked_max_output`` (for the quantized types of each layer).
     """
     out: dict[str, dict[str, Any]] = {}
-    for name, plan in layer_plans(gm.graph).items():
+    for name, plan in plans_of(gm).items():
         if plan.quant is None:
             continue
         layer = gm.get_submodule(name)

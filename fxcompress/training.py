@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxcompress.annotations import layer_plans
+from fxcompress.annotations import plans_of
 from fxcompress.passes.prune import compute_masks, install_masks
 from fxcompress.passes.quantize import STEP_COUNTER
 from fxcompress.sparsity import schedule_fraction
@@ -34,7 +34,7 @@ def update_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, t
     Returns:
         The new masks (also stored in the model's buffers).
     """
-    plans = {n: p for n, p in layer_plans(gm.graph).items() if p.prune is not None}
+    plans = {n: p for n, p in plans_of(gm).items() if p.prune is not None}
     with torch.no_grad():
         new = compute_masks(gm, plans, fraction)
         install_masks(gm, new)
@@ -102,7 +102,9 @@ def attach_optimizer(gm: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
         The hook handle; ``handle.remove()`` stops counting through this optimizer.
     """
     counter = _counter(gm)
-    counter.counts_forwards = False
+    for module in gm.modules():
+        if hasattr(module, "counts_forwards"):  # the counter and layers inside leaf modules
+            module.counts_forwards = False
 
     def count_step(*_: Any) -> None:
         counter.step.add_(1)

@@ -6,6 +6,7 @@ import torch
 import torch.fx
 
 from fxcompress.annotations import LayerPlan, get_plan, layer_plans
+from fxcompress.layers import CompressedLayer
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
 
 __all__ = ["STEP_COUNTER", "insert_fake_quant"]
@@ -30,6 +31,11 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for name, plan in plans.items():
         _add_quantizers(gm.get_submodule(name), plan)
     step = _step_node(gm)
+    counter = gm.get_submodule(STEP_COUNTER)
+    for name in plans:
+        layer = gm.get_submodule(name)
+        if isinstance(layer, CompressedLayer) and not hasattr(layer, "step"):
+            layer.attach_step(counter.step)
     for node in list(gm.graph.nodes):
         plan = get_plan(node)
         if node.op != "call_function" or plan is None or plan.quant is None:

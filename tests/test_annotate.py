@@ -123,7 +123,13 @@ class Outer(nn.Module):
 def test_trace_error_names_module_line_and_fix() -> None:
     with pytest.raises(TraceError, match=r"could not trace module 'inner' \(Branchy\) at .*test_annotate.py:\d+ "
                                          r"\(if x.sum\(\) > 0:\).*leaf_modules=\['inner'\]"):
-        trace(Outer())
+        trace(Outer(), fallback=False)
+
+
+def test_top_level_trace_failure_is_a_trace_error() -> None:
+    with pytest.raises(TraceError, match=r"could not trace the top-level forward at .*test_annotate.py:\d+ "
+                                         r"\(if x.sum\(\) > 0:\).*concrete_args"):
+        fxcompress.compress(Branchy(), [{"op_types": ["Linear"], "sparsity_per_layer": 0.5}])
 
 
 def test_example_inputs_smoke_run_keeps_mode_and_step() -> None:

@@ -1,0 +1,102 @@
+"""Module-level stand-in for a layer inside a leaf module the tracer could not enter.
+
+It owns the layer's parameters under the layer's own name, so masks and quantizers get the
+same state-dict keys as in a graph-rewritten layer (``blocks.0.fc.weight_mask``), and computes
+exactly what the graph rewrite computes. Never imports torch.fx.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxcompress.errors import ConfigError
+
+__all__ = ["CompressedLayer", "CompressionRecord"]
+
+
+class CompressedLayer(nn.Module):
+    """A Conv1d/2d/3d or Linear whose forward applies its masks and fake-quant modules.
+
+    Masks (``weight_mask``/``bias_mask`` buffers) and quantizers (``input_quantizer``, ...)
+    are attached later by the pruning and quantization passes, as for graph-rewritten layers.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.type_name = type(layer).__name__
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.conv_dims = 0 if isinstance(layer, nn.Linear) else layer.weight.dim() - 2
+        self.stride = getattr(layer, "stride", ())
+        self.padding = getattr(layer, "padding", ())
+        self.dilation = getattr(layer, "dilation", ())
+        self.groups = getattr(layer, "groups", 1)
+        self.padding_mode = getattr(layer, "padding_mode", "zeros")
+        self.pad = getattr(layer, "_reversed_padding_repeated_twice", ())
+        self.counts_forwards = True
+
+    def attach_step(self, step: Tensor) -> None:
+        """Share the model's step counter tensor (the same tensor, under this layer's name)."""
+        self.register_buffer("step", step, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the model's counter already counted this forward when a leaf runs: step back one
+        done = self.step - int(self.training and self.counts_forwards) if hasattr(self, "step") else None
+        if hasattr(self, "input_quantizer"):
+            x = self.input_quantizer(x, done)
+        weight, bias = self.weight, self.bias
+        if hasattr(self, "weight_mask"):
+            weight = weight * self.weight_mask
+            bias = None if bias is None else bias * self.bias_mask
+        if hasattr(self, "weight_quantizer"):
+            weight = self.weight_quantizer(weight, done)
+        y = self._op(x, weight, bias)
+        if hasattr(self, "output_quantizer"):
+            y = self.output_quantizer(y, done)
+        return y
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.conv_dims == 0:
+            return F.linear(x, weight, bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.pad, mode=self.padding_mode)
+            padding = (0,) * self.conv_dims
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.conv_dims - 1]
+        return conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.type_name}, weight={tuple(self.weight.shape)}"
+
+
+class CompressionRecord(nn.Module):
+    """What the config decided, kept in the module tree: survives pickling, guards checkpoints.
+
+    Its extra state (``fxcompress_record._extra_state``) is a fingerprint of every layer's
+    plan; loading a state dict made under a different config raises before anything loads.
+    """
+
+    def __init__(self, plans: dict[str, object]) -> None:
+        super().__init__()
+        self.plans = dict(plans)
+
+    def fingerprint(self) -> dict[str, str]:
+        return {name: f"prune={p.prune!r}, quant={p.quant!r}" for name, p in self.plans.items()
+                if p.compressed}
+
+    def get_extra_state(self) -> dict[str, dict[str, str]]:
+        return {"layers": self.fingerprint()}
+
+    def set_extra_state(self, state: dict[str, dict[str, str]]) -> None:
+        mine, theirs = self.fingerprint(), state["layers"]
+        if mine == theirs:
+            return
+        for name in sorted(set(mine) | set(theirs)):
+            if mine.get(name) != theirs.get(name):
+                raise ConfigError(
+                    f"load_state_dict: the checkpoint was made with a different compression config; layer "
+                    f"{name!r}: checkpoint {theirs.get(name, 'not compressed')}, this model "
+                    f"{mine.get(name, 'not compressed')}. Compress the model with the checkpoint's config_list "
+                    "before loading (nothing was loaded)")
