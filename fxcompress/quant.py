@@ -85,6 +85,13 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("tracked_max", torch.zeros((), dtype=torch.float32))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's own signature)
+        # ranges stay float32 when the model is cast (model.half(), .to(bfloat16)); devices follow
+        super()._apply(fn, recurse)
+        for name in ("tracked_min", "tracked_max"):
+            self._buffers[name] = self._buffers[name].float()
+        return self
+
     def forward(self, x: Tensor, step: Tensor) -> Tensor:
         if self.training:
             self._observe(x)
