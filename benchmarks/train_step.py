@@ -1,0 +1,184 @@
+"""Training-step overhead of fxcompress and its peers, relative to the plain model.
+
+    python -m benchmarks.train_step [--rounds 30] [--models seed resnet18 mlp] [--modes eager compiled]
+
+One training step = forward, backward, optimizer step (SGD, momentum). For every model and mode,
+all variants are timed in one process, interleaved round by round (plain, variant, plain,
+variant, ...) after warm-up; the figure is the median over rounds of variant time / the
+adjacent plain time. Peak memory of one step (parameters, gradients, optimizer state and
+activations alive at once) comes from the profiler's memory timeline (CPU) or
+``max_memory_allocated`` (CUDA), also as a ratio to plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import tabulate
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxcompress
+from fxcompress.examples import SeedModel
+
+from .common import write_results
+
+ALL = ["Conv2d", "Linear"]
+PRUNE = [{"op_types": ALL, "sparsity_per_layer": 0.5}]
+QAT = [{"op_types": ALL, "quant_types": ["input", "weight", "output"], "quant_bits": 8}]
+BOTH = [{**PRUNE[0], **QAT[0]}]
+
+
+class MLP(nn.Sequential):
+    """A Linear-heavy transformer-sized MLP block stack."""
+
+    def __init__(self, width: int = 512, depth: int = 6) -> None:
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width * 2), nn.GELU(), nn.Linear(width * 2, width)]
+        super().__init__(*layers, nn.Linear(width, 10))
+
+
+def model_and_batch(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "seed":
+        return SeedModel(), torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    if name == "resnet18":
+        return torchvision.models.resnet18(weights=None), torch.randn(8, 3, 64, 64), torch.randint(0, 1000, (8,))
+    if name == "mlp":
+        return MLP(), torch.randn(64, 512), torch.randint(0, 10, (64,))
+    raise ValueError(name)
+
+
+def torch_prune(model: nn.Module) -> nn.Module:
+    import torch.nn.utils.prune as tprune
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            tprune.l1_unstructured(module, "weight", amount=0.5)
+    return model
+
+
+def torch_ao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's own deprecation notice
+        return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
+
+
+def variants(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], nn.Module]]:
+    return {
+        "plain": lambda: copy.deepcopy(model),
+        "fx prune 50%": lambda: fxcompress.compress(model, PRUNE),
+        "fx QAT 8-bit": lambda: fxcompress.compress(model, QAT),
+        "fx prune+QAT": lambda: fxcompress.compress(model, BOTH),
+        "torch prune l1 50%": lambda: torch_prune(model),
+        "torch.ao QAT fx": lambda: torch_ao_qat(model, x),
+    }
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = forward(x)
+        loss = F.cross_entropy(out, y) if out.dim() == 2 else out.float().mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def peak_memory(step: Callable[[], None]) -> int:
+    """Peak bytes allocated during one step, from the allocator's own events."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        step()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:
+        step()
+    # the profiler's memory timeline: bytes live per category over time; peak of their sum
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return max(sum(row) for row in sizes)
+
+
+def bench_model(name: str, mode: str, rounds: int, warmup: int) -> list[dict]:
+    model, x, y = model_and_batch(name)
+    steps, errors = {}, {}
+    for label, build in variants(model, x).items():
+        try:
+            steps[label] = make_step(build(), x, y, compiled=mode == "compiled")
+            for _ in range(warmup):
+                steps[label]()
+        except Exception as err:  # a peer that cannot run this mode is reported, not fatal
+            errors[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            steps.pop(label, None)
+    ratios: dict[str, list[float]] = {label: [] for label in steps if label != "plain"}
+    plain_times = []
+    for _ in range(rounds):
+        for label in ratios:
+            t0 = time.perf_counter()
+            steps["plain"]()
+            t1 = time.perf_counter()
+            steps[label]()
+            t2 = time.perf_counter()
+            ratios[label].append((t2 - t1) / (t1 - t0))
+            plain_times.append(t1 - t0)
+    plain_peak = peak_memory(steps["plain"])
+    rows = []
+    for label in variants(model, x):
+        if label == "plain":
+            continue
+        row = {"model": name, "mode": mode, "variant": label}
+        if label in errors:
+            row["error"] = errors[label]
+        else:
+            row.update(time_ratio=statistics.median(ratios[label]),
+                       memory_ratio=peak_memory(steps[label]) / plain_peak)
+        rows.append(row)
+    rows.append({"model": name, "mode": mode, "variant": "plain", "median_step_ms":
+                 1000 * statistics.median(plain_times), "peak_bytes": plain_peak})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["seed", "resnet18", "mlp"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    args = parser.parse_args()
+    rows = []
+    for mode in args.modes:
+        for name in args.models:
+            rows += bench_model(name, mode, args.rounds, args.warmup)
+            print(f"done {name} {mode}", flush=True)
+    table = [[r["model"], r["mode"], r["variant"],
+              f"{r['time_ratio']:.3f}" if "time_ratio" in r else (f"{r['median_step_ms']:.1f} ms" if
+                                                                    "median_step_ms" in r else "-"),
+              f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else "",
+              r.get("error", "")] for r in rows]
+    print(tabulate.tabulate(table, headers=["model", "mode", "variant", "step time / plain", "peak mem / plain",
+                                            "error"], tablefmt="github"))
+    print(f"wrote {write_results('train_step', {'rounds': args.rounds, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
