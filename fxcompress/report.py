@@ -119,7 +119,7 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
             weight = layer.weight * layer.weight_mask if hasattr(layer, "weight_mask") else layer.weight
             scale, zero_point = layer.weight_quantizer.current_qparams(weight)
             fields.update(weight_bits=plan.quant.weight.bits, weight_scale=scale.tolist(),
-                          weight_zero_point=zero_point.tolist())
+                          weight_zero_point=[int(v) for v in zero_point.tolist()])
         for kind in ("input", "output"):
             quantizer = getattr(layer, f"{kind}_quantizer", None)
             if quantizer is not None:

@@ -21,7 +21,7 @@ def masks(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     >>> {name: float((~m).float().mean()) for name, m in masks(gm).items()}  # doctest: +SKIP
     {'conv1': 0.5, 'conv2': 0.5}
     """
-    return {name.removesuffix(".weight_mask") or name: buf
+    return {name.removesuffix(".weight_mask"): buf.bool()
             for name, buf in gm.named_buffers() if name.endswith("weight_mask")}
 
 

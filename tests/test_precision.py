@@ -38,8 +38,10 @@ def check_state(gm: torch.nn.Module, weight_dtype: torch.dtype) -> None:
             assert bool(q.initialized) and float(q.tracked_max) > float(q.tracked_min)
         scale, _ = layer.weight_quantizer.current_qparams(layer.weight)
         assert scale.dtype == torch.float32
-        assert not (layer.weight * layer.weight_mask)[~layer.weight_mask].any()
-        assert not layer.weight.grad[~layer.weight_mask].any()
+        pruned = layer.weight_mask == 0
+        assert layer.weight_mask.dtype == weight_dtype and bool(pruned.any())
+        assert not (layer.weight * layer.weight_mask)[pruned].any()
+        assert not layer.weight.grad[pruned].any()
     assert fxcompress.get_step(gm) == 3
 
 

@@ -62,7 +62,8 @@ def test_graph_has_visible_mask_nodes() -> None:
     assert sum(1 for n in gm.graph.nodes if n.target is F.conv2d) == 2
     assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"dropout1", "dropout2", "fc1", "fc2"}
     assert "weight_mask" in gm.code
-    assert gm.conv1.weight_mask.dtype == torch.bool and gm.conv1.weight_mask.shape == gm.conv1.weight.shape
+    assert gm.conv1.weight_mask.dtype == torch.float32 and gm.conv1.weight_mask.shape == gm.conv1.weight.shape
+    assert set(gm.conv1.weight_mask.unique().tolist()) == {0.0, 1.0}
     code = gm.code
     rewrite_pruned_layers(gm)
     assert gm.code == code  # idempotent
@@ -71,8 +72,8 @@ def test_graph_has_visible_mask_nodes() -> None:
 def test_bias_entry_follows_its_filter() -> None:
     gm = fxcompress.compress(SeedModel(), [{"op_names": ["conv1"], "sparsity_per_layer": 0.25,
                                             "granularity": "out_channel"}])
-    assert int((~gm.conv1.bias_mask).sum()) == 8  # floor(0.25 * 32) filters
-    assert torch.equal(gm.conv1.bias_mask, gm.conv1.weight_mask.reshape(32, -1).all(dim=1))
+    assert int((gm.conv1.bias_mask == 0).sum()) == 8  # floor(0.25 * 32) filters
+    assert torch.equal(gm.conv1.bias_mask.bool(), gm.conv1.weight_mask.reshape(32, -1).bool().all(dim=1))
     elementwise = fxcompress.compress(SeedModel(), [{"op_names": ["conv1"], "sparsity_per_layer": 0.25}])
     assert bool(elementwise.conv1.bias_mask.all())  # no filter is wholly pruned at 25% elementwise
 
@@ -138,7 +139,7 @@ def test_compile_fullgraph_trains_with_masks() -> None:
             opt.step()
     for name in ("conv1", "fc1"):
         torch.testing.assert_close(gm.get_submodule(name).weight, eager.get_submodule(name).weight)
-        masked = ~gm.get_submodule(name).weight_mask
+        masked = gm.get_submodule(name).weight_mask == 0
         assert not gm.get_submodule(name).weight.grad[masked].any()
 
 
@@ -178,10 +179,10 @@ def test_sparsity_scheduler_ramps_to_target() -> None:
     torch.manual_seed(0)
     gm = fxcompress.compress(SeedModel(), [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.8}])
     sched = fxcompress.SparsityScheduler(gm, start_step=2, end_step=10, frequency=2, kind="agp")
-    seen = [int((~gm.conv2.weight_mask).sum())]
+    seen = [int((gm.conv2.weight_mask == 0).sum())]
     for _ in range(12):
         sched.step()
-        seen.append(int((~gm.conv2.weight_mask).sum()))
+        seen.append(int((gm.conv2.weight_mask == 0).sum()))
     n = 18432
     expected_at = {s: int(0.8 * (1 - (1 - (s - 2) / 8) ** 3) * n) for s in (4, 6, 8)}
     assert seen[0] == 0 and seen[2] == 0
