@@ -32,7 +32,7 @@ LeafSpec = str | type[torch.nn.Module]
 
 def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequence[Any] | None = None,
              leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None,
-             strict: bool = True, inplace: bool = False) -> torch.fx.GraphModule:
+             strict: bool = True, inplace: bool = False, start_dense: bool = False) -> torch.fx.GraphModule:
     """Trace ``model`` and rewrite the layers ``config_list`` selects into masked / fake-quant form.
 
     Args:
@@ -43,6 +43,8 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
         concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments.
         strict: model-dependent config problems raise (True) or warn (False).
         inplace: reuse the model's modules instead of a deep copy.
+        start_dense: install all-ones masks and prune nothing yet, so that a
+            ``SparsityScheduler`` ramps from the dense weights (pruned entries are zeroed).
     Returns:
         A new GraphModule that trains, compiles, exports and scripts.
     Raises:
@@ -55,7 +57,7 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
               inplace=inplace)
     rewrite_leaf_layers(gm)
     functionalize_layers(gm)
-    rewrite_pruned_layers(gm)
+    rewrite_pruned_layers(gm, 0.0 if start_dense else 1.0)
     insert_fake_quant(gm)
     _record_plans(gm)
     if example_inputs is not None:

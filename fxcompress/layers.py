@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxcompress.errors import ConfigError
+from fxcompress.masking import masked_bias, masked_weight
 
 __all__ = ["CompressedLayer", "CompressionRecord"]
 
@@ -48,8 +49,9 @@ class CompressedLayer(nn.Module):
             x = self.input_quantizer(x, done)
         weight, bias = self.weight, self.bias
         if hasattr(self, "weight_mask"):
-            weight = weight * self.weight_mask
-            bias = None if bias is None else bias * self.bias_mask
+            weight = masked_weight(weight, self.weight_mask)
+            if bias is not None:
+                bias = masked_bias(bias, self.bias_mask)
         if hasattr(self, "weight_quantizer"):
             weight = self.weight_quantizer(weight, done)
         y = self._op(x, weight, bias)

@@ -21,17 +21,10 @@ from torch import Tensor, nn
 
 from fxcompress.config import QuantSetting
 
-__all__ = ["ActivationQuantizer", "StepCounter", "WeightQuantizer", "apply_mask", "fake_quant", "qparams"]
+__all__ = ["ActivationQuantizer", "StepCounter", "WeightQuantizer", "fake_quant", "qparams"]
 
 EMA_DECAY = 0.99
 FLOAT32_EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, a literal for TorchScript
-
-
-def apply_mask(tensor: Tensor | None, mask: Tensor) -> Tensor | None:
-    """``tensor * mask``; typed Optional because TorchScript sees a layer's bias as Optional."""
-    if tensor is None:
-        return None
-    return tensor * mask
 
 
 class StepCounter(nn.Module):

@@ -12,7 +12,7 @@ from fxcompress.passes.prune import compute_masks, install_masks
 from fxcompress.passes.quantize import STEP_COUNTER
 from fxcompress.sparsity import schedule_fraction
 
-__all__ = ["SparsityScheduler", "attach_optimizer", "get_step", "masks", "set_step", "update_masks"]
+__all__ = ["SparsityScheduler", "apply_masks", "attach_optimizer", "get_step", "masks", "set_step", "update_masks"]
 
 
 def masks(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,12 +41,29 @@ def update_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, t
     return new
 
 
+@torch.no_grad()
+def apply_masks(gm: torch.nn.Module) -> None:
+    """Zero every pruned entry of every pruned layer's weight and bias again.
+
+    Pruned entries get zero gradient, so plain training keeps them at zero; an optimizer whose
+    state was built before a mask changed (momentum, Adam moments) can still move them. Call
+    this after such a step (``SparsityScheduler.step`` does it every step).
+    """
+    for name, buffer in gm.named_buffers():
+        if name.endswith("_mask"):
+            owner, _, attr = name.rpartition(".")
+            getattr(gm.get_submodule(owner), attr.removesuffix("_mask")).mul_(buffer)
+
+
 class SparsityScheduler:
     """Gradual pruning, used like an LR scheduler: call ``step()`` after each optimizer step.
 
     Each layer's target ramps from 0 at ``start_step`` to its configured sparsity at
     ``end_step``; masks are recomputed every ``frequency`` steps. ``kind='agp'`` is the cubic
-    schedule of Zhu & Gupta (2017), ``'linear'`` a straight ramp.
+    schedule of Zhu & Gupta (2017), ``'linear'`` a straight ramp. Compress with
+    ``start_dense=True`` so the ramp starts from the dense weights (otherwise the entries
+    ``compress`` pruned restart from zero). Every ``step()`` re-zeroes pruned entries, which
+    the optimizer's momentum from before a mask change could otherwise move.
 
     >>> sched = SparsityScheduler(gm, start_step=0, end_step=100, frequency=10)  # doctest: +SKIP
     >>> for batch in data: loss(gm(batch)).backward(); opt.step(); sched.step()  # doctest: +SKIP
@@ -71,6 +88,8 @@ class SparsityScheduler:
         if self.start <= self.step_count <= self.end and due:
             self.fraction = schedule_fraction(self.step_count, self.start, self.end, self.kind)
             update_masks(self.gm, self.fraction)
+        else:
+            apply_masks(self.gm)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "fraction": self.fraction}

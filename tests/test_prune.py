@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
+from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.passes.prune import rewrite_pruned_layers
 
 from .fixtures import CalledTwice, Nested, SeedModel, seed_input
@@ -58,7 +59,8 @@ def test_graph_has_visible_mask_nodes() -> None:
     gm.graph.lint()
     targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     assert targets.count("conv1.weight_mask") == 1 and targets.count("conv2.bias_mask") == 1
-    assert sum(1 for n in gm.graph.nodes if n.target is torch.mul) == 2
+    assert sum(1 for n in gm.graph.nodes if n.target is masked_weight) == 2
+    assert sum(1 for n in gm.graph.nodes if n.target is masked_bias) == 2
     assert sum(1 for n in gm.graph.nodes if n.target is F.conv2d) == 2
     assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"dropout1", "dropout2", "fc1", "fc2"}
     assert "weight_mask" in gm.code
@@ -118,9 +120,7 @@ def test_optimizers_do_not_revive_masked_weights(make_opt) -> None:
     for n, layer in layers.items():
         assert torch.equal(fxcompress.masks(gm)[n], masks[n])
         w = layer.weight.detach()
-        # masked raw values only ever shrink (weight decay), never grow back
-        assert bool((w.abs()[~masks[n]] <= start[n][~masks[n]]).all())
-        assert not (w * masks[n])[~masks[n]].any()
+        assert not w[~masks[n]].any()  # pruned entries are held at exactly zero
         assert not torch.equal(w[masks[n]], start[n][masks[n]])  # the kept weights did train
 
 
@@ -177,7 +177,8 @@ def test_update_masks_follows_new_weights() -> None:
 
 def test_sparsity_scheduler_ramps_to_target() -> None:
     torch.manual_seed(0)
-    gm = fxcompress.compress(SeedModel(), [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.8}])
+    gm = fxcompress.compress(SeedModel(), [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.8}], start_dense=True)
+    assert bool(gm.conv2.weight.all()) and bool(gm.conv2.weight_mask.all())  # nothing pruned yet
     sched = fxcompress.SparsityScheduler(gm, start_step=2, end_step=10, frequency=2, kind="agp")
     seen = [int((gm.conv2.weight_mask == 0).sum())]
     for _ in range(12):
@@ -190,3 +191,20 @@ def test_sparsity_scheduler_ramps_to_target() -> None:
     assert seen[3] == seen[2] and seen[5] == seen[4]  # only every `frequency` steps
     assert seen[10] == seen[12] == int(0.8 * n)
     assert seen == sorted(seen)
+    assert int((gm.conv2.weight == 0).sum()) == seen[-1]
+
+
+def test_scheduler_rezeroes_what_momentum_would_revive() -> None:
+    torch.manual_seed(0)
+    gm = fxcompress.compress(SeedModel(), [{"op_names": ["fc2"], "sparsity_per_layer": 0.5}], start_dense=True)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    sched = fxcompress.SparsityScheduler(gm, start_step=2, end_step=4, frequency=1, kind="linear")
+    x, y = seed_input(8), torch.arange(8)
+    for _ in range(8):
+        opt.zero_grad()
+        F.nll_loss(gm(x), y).backward()
+        opt.step()  # momentum built while dense moves entries pruned since
+        sched.step()
+        pruned = gm.fc2.weight_mask == 0
+        assert not gm.fc2.weight[pruned].any()
+    assert int(pruned.sum()) == 640

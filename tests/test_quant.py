@@ -14,6 +14,7 @@ from torch._dynamo.testing import CompileCounter
 
 import fxcompress
 from fxcompress.config import QuantSetting
+from fxcompress.masking import masked_weight
 from fxcompress.quant import ActivationQuantizer, WeightQuantizer, qparams
 
 from .fixtures import SeedModel, seed_input
@@ -212,7 +213,7 @@ def test_graph_has_visible_quant_nodes() -> None:
                                                               f"{layer}.output_quantizer"]
     # the weight quantizer sees the masked weight
     wq = next(n for n in gm.graph.nodes if n.target == "conv1.weight_quantizer")
-    assert wq.args[0].target is torch.mul and wq.args[0].args[1].target == "conv1.weight_mask"
+    assert wq.args[0].target is masked_weight and wq.args[0].args[1].target == "conv1.weight_mask"
     assert set(gm.state_dict()) >= {"fxcompress_step.step", "conv1.input_quantizer.tracked_min",
                                     "conv1.output_quantizer.initialized", "conv2.weight_mask"}
 
