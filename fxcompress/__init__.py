@@ -4,7 +4,15 @@ from fxcompress.api import compress, plan, select, trace
 from fxcompress.config import load_config, parse_config
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.report import calibration, report, summary
-from fxcompress.training import SparsityScheduler, apply_masks, attach_optimizer, get_step, masks, set_step, update_masks
+from fxcompress.training import (
+    SparsityScheduler,
+    apply_masks,
+    attach_optimizer,
+    get_step,
+    masks,
+    set_step,
+    update_masks,
+)
 
 __all__ = [
     "ConfigError",

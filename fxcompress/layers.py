@@ -7,7 +7,6 @@ exactly what the graph rewrite computes. Never imports torch.fx.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
