@@ -56,9 +56,9 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     gm = plan(model, config_list, leaf_modules=leaf_modules, concrete_args=concrete_args, strict=strict,
               inplace=inplace)
     rewrite_leaf_layers(gm)
-    functionalize_layers(gm)
-    rewrite_pruned_layers(gm, 0.0 if start_dense else 1.0)
-    insert_fake_quant(gm)
+    functionalize_layers(gm, finalize=False)
+    rewrite_pruned_layers(gm, 0.0 if start_dense else 1.0, finalize=False)
+    insert_fake_quant(gm)  # finalizes: lint and generate the code once
     _record_plans(gm)
     if example_inputs is not None:
         _smoke_run(gm, example_inputs)

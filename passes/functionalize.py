@@ -19,7 +19,7 @@ FUNCTIONAL_OPS = {torch.nn.Linear: F.linear, torch.nn.Conv1d: F.conv1d, torch.nn
                   torch.nn.Conv3d: F.conv3d}
 
 
-def functionalize_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def functionalize_layers(gm: torch.fx.GraphModule, *, finalize: bool = True) -> torch.fx.GraphModule:
     """Replace every annotated, compressed ``call_module`` node by its functional form.
 
     Args:
@@ -41,8 +41,9 @@ def functionalize_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
+    if finalize:  # compress() runs the passes back to back and finalizes once
+        gm.graph.lint()
+        gm.recompile()
     return gm
 
 

@@ -63,7 +63,8 @@ def install_masks(gm: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
                     layer.register_buffer(f"{param}_mask", value)
 
 
-def rewrite_pruned_layers(gm: torch.fx.GraphModule, fraction: float = 1.0) -> torch.fx.GraphModule:
+def rewrite_pruned_layers(gm: torch.fx.GraphModule, fraction: float = 1.0, *,
+                          finalize: bool = True) -> torch.fx.GraphModule:
     """Mask the weight (and bias) of every functional layer call annotated with a pruning plan.
 
     Args:
@@ -85,8 +86,9 @@ def rewrite_pruned_layers(gm: torch.fx.GraphModule, fraction: float = 1.0) -> to
         _mask_arg(gm.graph, node, 1, f"{plan.name}.weight_mask", masked_weight)
         if node.args[2] is not None:
             _mask_arg(gm.graph, node, 2, f"{plan.name}.bias_mask", masked_bias)
-    gm.graph.lint()
-    gm.recompile()
+    if finalize:  # compress() runs the passes back to back and finalizes once
+        gm.graph.lint()
+        gm.recompile()
     return gm
 
 

@@ -14,7 +14,7 @@ __all__ = ["STEP_COUNTER", "insert_fake_quant"]
 STEP_COUNTER = "fxcompress_step"
 
 
-def insert_fake_quant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> torch.fx.GraphModule:
     """Give every layer annotated with quantization its quantizer modules and nodes.
 
     Quantizers live under the layer (``conv1.input_quantizer``, ``conv1.weight_quantizer``,
@@ -27,6 +27,9 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """
     plans = {n: p for n, p in layer_plans(gm.graph).items() if p.quant is not None}
     if not plans:
+        if finalize:
+            gm.graph.lint()
+            gm.recompile()
         return gm
     for name, plan in plans.items():
         _add_quantizers(gm.get_submodule(name), plan)
@@ -45,8 +48,9 @@ def insert_fake_quant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 _quantize_arg(gm.graph, node, index, f"{plan.name}.{kind}_quantizer", step)
         if plan.quant.output is not None:
             _quantize_output(gm.graph, node, f"{plan.name}.output_quantizer", step)
-    gm.graph.lint()
-    gm.recompile()
+    if finalize:  # compress() runs the passes back to back and finalizes once
+        gm.graph.lint()
+        gm.recompile()
     return gm
 
 
