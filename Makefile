@@ -20,6 +20,8 @@ test-slow: .venv/.installed
 	$(PY) -m pytest -q -m slow
 
 bench: .venv/.installed
+	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.transform
 	$(PY) -m benchmarks.sparsity_alloc
 	$(PY) -m benchmarks.quality
 
