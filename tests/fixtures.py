@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.examples import SeedModel
 
-__all__ = ["CalledTwice", "Nested", "SeedModel", "TwoLayers", "seed_input"]
+__all__ = ["CalledTwice", "Nested", "SeedModel", "TwoLayers", "masked_reference", "seed_input"]
+
+
+def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """The original model with the masks multiplied into its weights (and filters' biases) by hand:
+    the independent reference every pruning numerics test compares against."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            layer = ref.get_submodule(name)
+            layer.weight.mul_(mask)
+            if layer.bias is not None:
+                layer.bias.mul_(mask.reshape(mask.shape[0], -1).any(dim=1))
+    return ref
 
 
 def seed_input(batch: int = 2) -> torch.Tensor:

@@ -15,7 +15,7 @@ import fxcompress
 from fxcompress import ConfigError
 from fxcompress.layers import CompressedLayer
 
-from .fixtures import SeedModel, seed_input
+from .fixtures import SeedModel, masked_reference, seed_input
 
 
 class DataDependentBlock(nn.Module):
@@ -42,16 +42,6 @@ class WithBranchyBlock(nn.Module):
 
 
 PRUNE = [{"op_types": ["default"], "sparsity_per_layer": 0.5}]
-
-
-def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mask in masks.items():
-            layer = ref.get_submodule(name)
-            layer.weight.mul_(mask)
-            layer.bias.mul_(mask.reshape(mask.shape[0], -1).any(dim=1))
-    return ref
 
 
 def test_untraceable_block_falls_back_to_a_leaf_and_is_still_compressed() -> None:

@@ -14,7 +14,7 @@ import fxcompress
 from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.passes.prune import rewrite_pruned_layers
 
-from .fixtures import CalledTwice, Nested, SeedModel, seed_input
+from .fixtures import CalledTwice, Nested, SeedModel, masked_reference, seed_input
 
 CRITERIA_GRANULARITIES = [
     {"sparsity_per_layer": 0.6},
@@ -29,18 +29,6 @@ CRITERIA_GRANULARITIES = [
 ]
 
 
-def reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """The original model with the masks multiplied into its weights (and filters' biases) by hand."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mask in masks.items():
-            layer = ref.get_submodule(name)
-            layer.weight.mul_(mask)
-            if layer.bias is not None:
-                layer.bias.mul_(mask.reshape(mask.shape[0], -1).any(dim=1))
-    return ref
-
-
 @pytest.mark.parametrize("keys", CRITERIA_GRANULARITIES, ids=lambda k: "-".join(map(str, k.values())))
 def test_numerics_equal_hand_masked_reference(keys: dict) -> None:
     torch.manual_seed(0)
@@ -50,7 +38,7 @@ def test_numerics_equal_hand_masked_reference(keys: dict) -> None:
     masks = fxcompress.masks(gm)
     assert sorted(masks) == sorted(fxcompress.select(model, config_list)) and len(masks) >= 2
     x = seed_input(4)
-    torch.testing.assert_close(gm(x), reference(model, masks)(x))
+    torch.testing.assert_close(gm(x), masked_reference(model, masks)(x))
     assert not torch.allclose(gm(x), model(x))  # the masks really act
 
 
@@ -86,7 +74,7 @@ def test_conv1d_conv3d_and_padding_modes() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 2, 8)
     gm = fxcompress.compress(model, [{"op_types": ["default"], "sparsity_per_layer": 0.5}])
-    torch.testing.assert_close(gm(x), reference(model, fxcompress.masks(gm))(x))
+    torch.testing.assert_close(gm(x), masked_reference(model, fxcompress.masks(gm))(x))
 
 
 def test_layer_called_twice_has_one_mask() -> None:
@@ -96,7 +84,7 @@ def test_layer_called_twice_has_one_mask() -> None:
     assert [n for n, _ in gm.named_buffers()] == ["shared.weight_mask", "shared.bias_mask", "head.weight_mask",
                                                   "head.bias_mask"]
     x = torch.randn(5, 8)
-    torch.testing.assert_close(gm(x), reference(model, fxcompress.masks(gm))(x))
+    torch.testing.assert_close(gm(x), masked_reference(model, fxcompress.masks(gm))(x))
 
 
 @pytest.mark.parametrize("make_opt", [
