@@ -325,3 +325,11 @@ def test_calibration_fields_are_json_ready() -> None:
     report = {r.name: r for r in fxcompress.report(gm)}["fc1"]
     assert report.quant == "weight int4 ch-sym, input uint8 aff, output uint8 aff"
     assert report.ranges.startswith(f"input [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+
+
+def test_gate_off_passes_huge_values_and_their_gradient() -> None:
+    q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).eval()  # never observed
+    x = torch.tensor([3e38, -1e30, 5.0], requires_grad=True)
+    out = q(x, torch.tensor(0))
+    out.sum().backward()
+    assert torch.equal(out.detach(), x.detach()) and torch.equal(x.grad, torch.ones(3))
