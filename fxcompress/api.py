@@ -20,7 +20,7 @@ from fxcompress.matching import LayerInfo, check_against_model, resolve_all
 from fxcompress.passes.annotate import annotate_layers
 from fxcompress.passes.functionalize import functionalize_layers
 from fxcompress.passes.leaf_layers import rewrite_leaf_layers
-from fxcompress.passes.prune import rewrite_pruned_layers
+from fxcompress.passes.prune import pending_masks, rewrite_pruned_layers
 from fxcompress.passes.quantize import insert_fake_quant
 
 __all__ = ["compress", "layer_infos", "plan", "select", "trace"]
@@ -55,9 +55,10 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     """
     gm = plan(model, config_list, leaf_modules=leaf_modules, concrete_args=concrete_args, strict=strict,
               inplace=inplace)
+    masks = pending_masks(gm, 0.0 if start_dense else 1.0)  # may raise: before any module changes
     rewrite_leaf_layers(gm)
     functionalize_layers(gm, finalize=False)
-    rewrite_pruned_layers(gm, 0.0 if start_dense else 1.0, finalize=False)
+    rewrite_pruned_layers(gm, masks=masks, finalize=False)
     insert_fake_quant(gm)  # finalizes: lint and generate the code once
     _record_plans(gm)
     if example_inputs is not None:

@@ -11,7 +11,7 @@ from fxcompress.annotations import LayerPlan, get_plan, layer_plans
 from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.sparsity import global_masks, layer_mask
 
-__all__ = ["compute_masks", "install_masks", "rewrite_pruned_layers"]
+__all__ = ["compute_masks", "install_masks", "pending_masks", "rewrite_pruned_layers"]
 
 
 def compute_masks(gm: torch.nn.Module, plans: dict[str, LayerPlan], fraction: float = 1.0
@@ -63,22 +63,33 @@ def install_masks(gm: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
                     layer.register_buffer(f"{param}_mask", value)
 
 
+def pending_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, torch.Tensor]:
+    """The masks of the pruned layers that have none yet (what :func:`rewrite_pruned_layers` installs).
+
+    Raises:
+        ConfigError: unreachable caps, or an N:M pattern that does not fit a layer.
+    """
+    plans = {n: p for n, p in layer_plans(gm.graph).items()
+             if p.prune is not None and not hasattr(gm.get_submodule(n), "weight_mask")}
+    return compute_masks(gm, plans, fraction)
+
+
 def rewrite_pruned_layers(gm: torch.fx.GraphModule, fraction: float = 1.0, *,
+                          masks: dict[str, torch.Tensor] | None = None,
                           finalize: bool = True) -> torch.fx.GraphModule:
     """Mask the weight (and bias) of every functional layer call annotated with a pruning plan.
 
     Args:
         gm: an annotated GraphModule whose compressed layers are functional (see functionalize).
         fraction: of each layer's configured sparsity to prune now (0: start dense, for a scheduler).
+        masks: computed beforehand by :func:`pending_masks` (``compress`` does, to fail before
+            changing anything); computed here when None.
     Returns:
         ``gm``, with ``masked_weight(weight, weight_mask)`` nodes feeding each pruned layer.
     Raises:
         ConfigError: before any change, when a mask cannot be computed.
     """
-    plans = {n: p for n, p in layer_plans(gm.graph).items() if p.prune is not None}
-    new_masks = compute_masks(gm, {n: p for n, p in plans.items()
-                                   if not hasattr(gm.get_submodule(n), "weight_mask")}, fraction)
-    install_masks(gm, new_masks)
+    install_masks(gm, pending_masks(gm, fraction) if masks is None else masks)
     for node in list(gm.graph.nodes):
         plan = get_plan(node)
         if node.op != "call_function" or plan is None or plan.prune is None:

@@ -62,6 +62,16 @@ def test_untraceable_block_falls_back_to_a_leaf_and_is_still_compressed() -> Non
     assert "block.fc.weight_mask" in gm.state_dict()
 
 
+def test_failed_compress_leaves_an_inplace_model_with_leaves_untouched() -> None:
+    model = WithBranchyBlock()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="asks for"):
+        fxcompress.compress(model, [{"op_types": ["Linear"], "total_sparsity": 0.9, "max_sparsity_per_layer": 0.5}],
+                            inplace=True)
+    assert type(model.block.fc) is nn.Linear and not hasattr(model.stem, "weight_mask")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 def test_user_leaf_modules_are_compressed_inside() -> None:
     torch.manual_seed(0)
     model = SeedModel()
