@@ -26,11 +26,15 @@ def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> tor
         ``gm``. Running it again changes nothing.
     """
     plans = {n: p for n, p in layer_plans(gm.graph).items() if p.quant is not None}
-    if not plans:
-        if finalize:
-            gm.graph.lint()
-            gm.recompile()
-        return gm
+    if plans:
+        _insert_quantizers(gm, plans)
+    if finalize:  # compress() runs the passes back to back and finalizes once
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def _insert_quantizers(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> None:
     for name, plan in plans.items():
         _add_quantizers(gm.get_submodule(name), plan)
     step = _step_node(gm)
@@ -38,7 +42,7 @@ def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> tor
     for name in plans:
         layer = gm.get_submodule(name)
         if isinstance(layer, CompressedLayer) and not hasattr(layer, "step"):
-            layer.attach_step(counter.step)
+            layer.attach_step(counter.step)  # layers inside leaf modules read the shared counter
     for node in list(gm.graph.nodes):
         plan = get_plan(node)
         if node.op != "call_function" or plan is None or plan.quant is None:
@@ -48,10 +52,6 @@ def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> tor
                 _quantize_arg(gm.graph, node, index, f"{plan.name}.{kind}_quantizer", step)
         if plan.quant.output is not None:
             _quantize_output(gm.graph, node, f"{plan.name}.output_quantizer", step)
-    if finalize:  # compress() runs the passes back to back and finalizes once
-        gm.graph.lint()
-        gm.recompile()
-    return gm
 
 
 def _add_quantizers(layer: torch.nn.Module, plan: LayerPlan) -> None:
