@@ -186,7 +186,7 @@ def _record_plans(gm: torch.fx.GraphModule) -> None:
     # first in the tree, so a mismatching checkpoint is refused before any other module loads
     others = dict(gm._modules)
     gm._modules.clear()
-    gm.add_module(RECORD, CompressionRecord(layer_plans(gm.graph)))
+    gm.add_module(RECORD, CompressionRecord(layer_plans(gm.graph)).train(gm.training))
     gm._modules.update(others)
 
 

@@ -36,6 +36,7 @@ class CompressedLayer(nn.Module):
         self.padding_mode = getattr(layer, "padding_mode", "zeros")
         self.pad = getattr(layer, "_reversed_padding_repeated_twice", ())
         self.counts_forwards = True
+        self.train(layer.training)
 
     def attach_step(self, step: Tensor) -> None:
         """Share the model's step counter tensor (the same tensor, under this layer's name)."""

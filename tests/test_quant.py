@@ -333,3 +333,13 @@ def test_gate_off_passes_huge_values_and_their_gradient() -> None:
     out = q(x, torch.tensor(0))
     out.sum().backward()
     assert torch.equal(out.detach(), x.detach()) and torch.equal(x.grad, torch.ones(3))
+
+
+def test_new_modules_follow_the_model_mode() -> None:
+    gm = fxcompress.compress(MLP().eval(), QCFG)
+    assert not any(m.training for m in gm.modules())
+    gm(torch.randn(2, 6))
+    assert fxcompress.get_step(gm) == 0 and not bool(gm.fc1.input_quantizer.initialized)
+    gm.train()
+    gm(torch.randn(2, 6))
+    assert fxcompress.get_step(gm) == 1 and bool(gm.fc1.input_quantizer.initialized)
