@@ -36,7 +36,7 @@ def functionalize_layers(gm: torch.fx.GraphModule, *, finalize: bool = True) -> 
             weight = gm.graph.get_attr(f"{node.target}.weight")
             bias = gm.graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
             new = gm.graph.call_function(FUNCTIONAL_OPS[type(module)],
-                                         _functional_args(gm.graph, module, node.args[0], weight, bias))
+                                         _functional_args(gm.graph, module, _input_of(node), weight, bias))
         set_plan(new, plan)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(new)
@@ -45,6 +45,11 @@ def functionalize_layers(gm: torch.fx.GraphModule, *, finalize: bool = True) -> 
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _input_of(node: torch.fx.Node) -> torch.fx.Node:
+    """The layer's input, passed positionally or as ``input=`` (the name torch's layers use)."""
+    return node.args[0] if node.args else node.kwargs["input"]
 
 
 def _functional_args(graph: torch.fx.Graph, module: torch.nn.Module, x: torch.fx.Node,

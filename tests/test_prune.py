@@ -196,3 +196,18 @@ def test_scheduler_rezeroes_what_momentum_would_revive() -> None:
         pruned = gm.fc2.weight_mask == 0
         assert not gm.fc2.weight[pruned].any()
     assert int(pruned.sum()) == 640
+
+def test_layer_called_with_keyword_input() -> None:
+    class KeywordCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(input=x)
+
+    torch.manual_seed(0)
+    model = KeywordCall()
+    gm = fxcompress.compress(model, [{"op_types": ["Linear"], "sparsity_per_layer": 0.5}])
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(gm(x), masked_reference(model, fxcompress.masks(gm))(x))
