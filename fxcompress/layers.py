@@ -7,6 +7,7 @@ exactly what the graph rewrite computes. Never imports torch.fx.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,12 +30,17 @@ class CompressedLayer(nn.Module):
         self.weight = layer.weight
         self.bias = layer.bias
         self.conv_dims = 0 if isinstance(layer, nn.Linear) else layer.weight.dim() - 2
-        self.stride = getattr(layer, "stride", ())
-        self.padding = getattr(layer, "padding", ())
-        self.dilation = getattr(layer, "dilation", ())
+        # int lists, never empty, so TorchScript infers List[int] (Linear leaves them unused)
+        self.stride = list(getattr(layer, "stride", (1,)))
+        self.dilation = list(getattr(layer, "dilation", (1,)))
         self.groups = getattr(layer, "groups", 1)
-        self.padding_mode = getattr(layer, "padding_mode", "zeros")
-        self.pad = getattr(layer, "_reversed_padding_repeated_twice", ())
+        mode = getattr(layer, "padding_mode", "zeros")
+        padding = getattr(layer, "padding", (0,))
+        # 'same'/'valid' and non-zero padding modes: pad explicitly, as nn.ConvNd does for the latter
+        self.explicit_pad = isinstance(padding, str) or mode != "zeros"
+        self.padding = [0] * max(self.conv_dims, 1) if self.explicit_pad else list(padding)
+        self.pad = list(layer._reversed_padding_repeated_twice) if self.explicit_pad else [0, 0]
+        self.pad_mode = "constant" if mode == "zeros" else mode
         self.counts_forwards = True
         self.train(layer.training)
 
@@ -43,8 +49,11 @@ class CompressedLayer(nn.Module):
         self.register_buffer("step", step, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        # the model's counter already counted this forward when a leaf runs: step back one
-        done = self.step - int(self.training and self.counts_forwards) if hasattr(self, "step") else None
+        if hasattr(self, "step"):
+            # the model's counter already counted this forward when a leaf runs: step back one
+            done = self.step - int(self.training and self.counts_forwards)
+        else:
+            done = torch.zeros((), dtype=torch.int64)
         if hasattr(self, "input_quantizer"):
             x = self.input_quantizer(x, done)
         weight, bias = self.weight, self.bias
@@ -62,12 +71,13 @@ class CompressedLayer(nn.Module):
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.conv_dims == 0:
             return F.linear(x, weight, bias)
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self.pad, mode=self.padding_mode)
-            padding = (0,) * self.conv_dims
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self.conv_dims - 1]
-        return conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        if self.explicit_pad:
+            x = F.pad(x, self.pad, mode=self.pad_mode)
+        if self.conv_dims == 1:
+            return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.conv_dims == 2:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{self.type_name}, weight={tuple(self.weight.shape)}"

@@ -166,3 +166,32 @@ def test_checkpoint_from_another_config_is_refused_before_loading() -> None:
                                                "quant_bits": 8}])
     with pytest.raises(ConfigError, match=r"layer 'conv1': checkpoint prune=.*this model prune=None, quant=QuantPlan"):
         quant.load_state_dict(state, strict=False)
+
+
+class PaddedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect")
+        self.plain = nn.Conv2d(3, 2, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return self.plain(self.same(x))
+        return self.plain(self.same(-x))
+
+
+def test_leaf_layers_script_and_match_the_reference_with_padding_modes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(PaddedBlock(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4))
+    gm = fxcompress.compress(model, PRUNE)
+    assert [r.site for r in fxcompress.report(gm)] == ["in leaf 0", "in leaf 0", "graph"]
+    x = torch.rand(2, 2, 6, 6)
+    torch.testing.assert_close(gm(x), masked_reference(model, fxcompress.masks(gm))(x))
+    quantized = fxcompress.compress(WithBranchyBlock(), [{**PRUNE[0], "quant_types": ["input", "weight", "output"],
+                                                          "quant_bits": 8}])
+    quantized.train()
+    quantized(torch.rand(4, 8))
+    quantized.eval()
+    scripted = torch.jit.script(quantized)
+    for v in (torch.rand(3, 8), -torch.rand(3, 8)):
+        torch.testing.assert_close(scripted(v), quantized(v))
