@@ -20,10 +20,6 @@ class Resolution:
     winner: SubConfig | None
     overridden: tuple[int, ...] = ()
 
-    @property
-    def compressed(self) -> bool:
-        return self.winner is not None and not self.winner.exclude
-
 
 def selects(sub: SubConfig, name: str, type_name: str) -> bool:
     """True when every selector of ``sub`` agrees on the layer ``name`` of type ``type_name``.

@@ -24,7 +24,6 @@ from fxcompress.config import QuantSetting
 __all__ = ["ActivationQuantizer", "StepCounter", "WeightQuantizer", "fake_quant", "qparams"]
 
 EMA_DECAY = 0.99
-FLOAT32_EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, a literal for TorchScript
 
 
 class StepCounter(nn.Module):
@@ -51,7 +50,7 @@ def qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool) -> tu
 
     Affine: ``scale = (max-min)/(qmax-qmin)``, ``zp = qmin - round(min/scale)`` clamped.
     Symmetric: ``scale = max(|min|,|max|) / ((qmax-qmin)/2)``, ``zp = (qmin+qmax)//2`` (0 for int).
-    Scale never drops below float32 eps.
+    Scale never drops below float32 eps (written as a literal: TorchScript reads no globals).
     """
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)

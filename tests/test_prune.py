@@ -182,6 +182,20 @@ def test_sparsity_scheduler_ramps_to_target() -> None:
     assert int((gm.conv2.weight == 0).sum()) == seen[-1]
 
 
+def test_scheduler_state_resumes_the_schedule() -> None:
+    cfg = [{"op_names": ["fc2"], "sparsity_per_layer": 0.5}]
+    gm = fxcompress.compress(SeedModel(), cfg, start_dense=True)
+    sched = fxcompress.SparsityScheduler(gm, start_step=0, end_step=10, frequency=1, kind="linear")
+    for _ in range(4):
+        sched.step()
+    resumed = fxcompress.SparsityScheduler(fxcompress.compress(SeedModel(), cfg, start_dense=True), 0, 10, 1, "linear")
+    resumed.load_state_dict(sched.state_dict())
+    assert (resumed.step_count, resumed.fraction) == (4, 0.4)
+    resumed.step()
+    sched.step()
+    assert int((resumed.gm.fc2.weight_mask == 0).sum()) == int((sched.gm.fc2.weight_mask == 0).sum()) == 320
+
+
 def test_scheduler_rezeroes_what_momentum_would_revive() -> None:
     torch.manual_seed(0)
     gm = fxcompress.compress(SeedModel(), [{"op_names": ["fc2"], "sparsity_per_layer": 0.5}], start_dense=True)
