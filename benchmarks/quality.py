@@ -23,6 +23,8 @@ from fxcompress.examples import SeedModel, evaluate, load_digits, train_epochs
 
 from .common import write_results
 
+__all__ = ["main"]
+
 DENSE_EPOCHS, TUNE_EPOCHS, BATCH = 15, 5, 64
 DENSE_LR, TUNE_LR = 0.05, 0.01  # fine-tuning at a fifth of the training rate, the same for every variant
 ALL = ["Conv2d", "Linear"]

@@ -18,6 +18,8 @@ from fxcompress.sparsity import global_masks
 
 from .common import write_results
 
+__all__ = ["main"]
+
 
 def _median_time(fn, rounds: int) -> float:
     times = []

@@ -30,6 +30,8 @@ from fxcompress.examples import SeedModel
 
 from .common import write_results
 
+__all__ = ["main"]
+
 ALL = ["Conv2d", "Linear"]
 PRUNE = [{"op_types": ALL, "sparsity_per_layer": 0.5}]
 QAT = [{"op_types": ALL, "quant_types": ["input", "weight", "output"], "quant_bits": 8}]

@@ -25,6 +25,8 @@ import fxcompress
 
 from .common import write_results
 
+__all__ = ["main"]
+
 CFG = [{"op_types": ["Conv2d", "Linear"], "sparsity_per_layer": 0.5, "quant_types": ["input", "weight"],
         "quant_bits": 8}]
 
