@@ -33,10 +33,10 @@ class StepCounter(nn.Module):
     forward and, in training mode when counting forwards, adds one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         super().__init__()
         self.counts_forwards = True
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
 
     def forward(self) -> Tensor:
         done = self.step.clone()
@@ -120,7 +120,7 @@ class ActivationQuantizer(nn.Module):
     that has seen nothing passes its input through unchanged.
     """
 
-    def __init__(self, setting: QuantSetting, start_step: int) -> None:
+    def __init__(self, setting: QuantSetting, start_step: int, device: torch.device | None = None) -> None:
         super().__init__()
         if setting.per_channel:
             raise ValueError("activations are quantized per tensor")
@@ -132,9 +132,8 @@ class ActivationQuantizer(nn.Module):
         self.dtype = setting.dtype
         self.sync_ranks = True
         self.decay = EMA_DECAY
-        self.register_buffer("tracked_min", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("tracked_max", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.float32))
+        for name in ("tracked_min", "tracked_max", "initialized"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.float32, device=device))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's own signature)
         # state stays float32 when the model is cast (model.half(), .to(bfloat16)); devices follow
@@ -175,8 +174,8 @@ def _global_range(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
 class WeightQuantizer(nn.Module):
     """Fake-quant of a weight from its current min/max (per output channel for per-channel schemes)."""
 
-    def __init__(self, setting: QuantSetting, start_step: int) -> None:
-        super().__init__()
+    def __init__(self, setting: QuantSetting, start_step: int, device: torch.device | None = None) -> None:
+        super().__init__()  # holds no state: ``device`` is accepted for a uniform constructor
         self.qmin, self.qmax = setting.qmin, setting.qmax
         self.symmetric = setting.symmetric
         self.per_channel = setting.per_channel

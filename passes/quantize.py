@@ -60,7 +60,7 @@ def _add_quantizers(layer: torch.nn.Module, plan: LayerPlan) -> None:
                       ("output", ActivationQuantizer)):
         setting = getattr(quant, kind)
         if setting is not None and not hasattr(layer, f"{kind}_quantizer"):
-            quantizer = cls(setting, quant.start_step).to(layer.weight.device).train(layer.training)
+            quantizer = cls(setting, quant.start_step, layer.weight.device).train(layer.training)
             layer.add_module(f"{kind}_quantizer", quantizer)
 
 
@@ -70,7 +70,7 @@ def _step_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
             return node
     if not hasattr(gm, STEP_COUNTER):
         device = next(gm.parameters()).device
-        gm.add_module(STEP_COUNTER, StepCounter().to(device).train(gm.training))
+        gm.add_module(STEP_COUNTER, StepCounter(device).train(gm.training))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     anchor = gm.graph.inserting_after(placeholders[-1]) if placeholders else gm.graph.inserting_before()
     with anchor:
