@@ -116,8 +116,8 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
         layer = gm.get_submodule(name)
         fields: dict[str, Any] = {}
         if plan.quant.weight is not None:
-            weight = layer.weight * layer.weight_mask if hasattr(layer, "weight_mask") else layer.weight
-            scale, zero_point = layer.weight_quantizer.current_qparams(weight)
+            # pruned entries are held at zero, so the raw weight is what the quantizer sees
+            scale, zero_point = layer.weight_quantizer.current_qparams(layer.weight)
             fields.update(weight_bits=plan.quant.weight.bits, weight_scale=scale.tolist(),
                           weight_zero_point=[int(v) for v in zero_point.tolist()])
         for kind in ("input", "output"):

@@ -1,4 +1,4 @@
-"""Pruning pass: compute exact masks and splice ``weight * weight_mask`` into each pruned layer."""
+"""Pruning pass: compute exact masks, zero the pruned entries and mask each pruned layer's gradient."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def install_masks(gm: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
     The buffers hold 1.0 (kept) and 0.0 (pruned) in the weight's dtype: multiplying by a bool
     tensor takes PyTorch's type-promotion path, about 5x slower than a same-dtype multiply on
-    CPU, and the multiply runs in every training step. A bias entry is pruned when the whole
-    output row/filter it belongs to is pruned.
+    CPU, and the gradient is multiplied by the mask in every training step. A bias entry is
+    pruned when the whole output row/filter it belongs to is pruned.
     """
     for name, mask in masks.items():
         layer = gm.get_submodule(name)
