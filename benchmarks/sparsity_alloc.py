@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import fxcompress
-from fxcompress.config import PruneSetting
+from fxcompress.settings import PruneSetting
 from fxcompress.sparsity import global_masks
 
 from .common import write_results

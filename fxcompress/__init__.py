@@ -1,7 +1,8 @@
 """fxcompress: NNI's compression config spec as a torch.fx graph-transform pass."""
 
 from fxcompress.api import compress, plan, select, trace
-from fxcompress.config import load_config, parse_config
+from fxcompress.config import parse_config
+from fxcompress.config_file import load_config
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.report import calibration, report, summary
 from fxcompress.training import (

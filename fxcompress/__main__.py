@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fxcompress.api import plan
-from fxcompress.config import load_config
+from fxcompress.config_file import load_config
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.report import summary
 

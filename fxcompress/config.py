@@ -3,169 +3,33 @@
 from __future__ import annotations
 
 import difflib
-import json
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, caller_stacklevel
+from fxcompress.settings import (
+    COMPRESSIBLE_TYPES,
+    CRITERIA,
+    DEFAULT_DTYPE,
+    DEFAULT_SCHEME,
+    DTYPES,
+    QUANT_TYPES,
+    SCHEMES,
+    PruneSetting,
+    QuantPlan,
+    QuantSetting,
+    SubConfig,
+)
 
-__all__ = [
-    "COMPRESSIBLE_TYPES",
-    "CRITERIA",
-    "PruneSetting",
-    "QuantPlan",
-    "QuantSetting",
-    "SubConfig",
-    "caller_stacklevel",
-    "load_config",
-    "parse_config",
-    "ratio_floor",
-]
-
-#: Layer type names fxcompress rewrites; what ``op_types: ['default']`` stands for.
-COMPRESSIBLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
-QUANT_TYPES = ("weight", "input", "output")
-SCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric")
-DTYPES = ("int", "uint")
-CRITERIA = ("level", "l1", "l2", "fpgm", "random")
-_DEFAULT_SCHEME = {"weight": "per_channel_symmetric", "input": "per_tensor_affine", "output": "per_tensor_affine"}
-_DEFAULT_DTYPE = {"weight": "int", "input": "uint", "output": "uint"}
+__all__ = ["VALID_KEYS", "parse_config"]
 
 _SELECTOR_KEYS = ("op_types", "op_names", "op_partial_names")
 _PRUNE_KEYS = ("sparsity_per_layer", "total_sparsity", "sparsity", "max_sparsity_per_layer",
                "criterion", "granularity", "seed")
 _QUANT_KEYS = ("quant_types", "quant_bits", "quant_start_step", "quant_scheme", "quant_dtype")
 VALID_KEYS = _SELECTOR_KEYS + ("exclude",) + _PRUNE_KEYS + _QUANT_KEYS
-_PACKAGE_DIRS = (os.path.dirname(__file__), os.path.join(os.path.dirname(os.path.dirname(__file__)), "passes"))
-
-
-def ratio_floor(ratio: float, n: int) -> int:
-    """``floor(ratio * n)`` computed on the decimal the user wrote (0.29 of 100 is 29, not 28)."""
-    return math.floor(Fraction(repr(float(ratio))) * n)
-
-
-@dataclass(frozen=True)
-class QuantSetting:
-    """How one tensor kind (weight, input or output) of a layer is fake-quantized."""
-
-    bits: int
-    scheme: str
-    dtype: str
-
-    @property
-    def qmin(self) -> int:
-        return 0 if self.dtype == "uint" else -(2 ** (self.bits - 1) - 1)
-
-    @property
-    def qmax(self) -> int:
-        return 2**self.bits - 1 if self.dtype == "uint" else 2 ** (self.bits - 1) - 1
-
-    @property
-    def per_channel(self) -> bool:
-        return self.scheme.startswith("per_channel")
-
-    @property
-    def symmetric(self) -> bool:
-        return self.scheme.endswith("symmetric")
-
-
-@dataclass(frozen=True)
-class QuantPlan:
-    """The quantization a sub-config asks for: one setting per quantized tensor kind."""
-
-    weight: QuantSetting | None
-    input: QuantSetting | None
-    output: QuantSetting | None
-    start_step: int = 0
-
-    @property
-    def types(self) -> tuple[str, ...]:
-        return tuple(t for t in QUANT_TYPES if getattr(self, t) is not None)
-
-
-@dataclass(frozen=True)
-class PruneSetting:
-    """The pruning a sub-config asks for.
-
-    Exactly one of ``sparsity_per_layer`` / ``total_sparsity`` is set, except for an
-    ``N:M`` granularity, which fixes the sparsity itself and takes neither.
-    """
-
-    sparsity_per_layer: float | None = None
-    total_sparsity: float | None = None
-    max_sparsity_per_layer: float | tuple[tuple[str, float], ...] | None = None
-    criterion: str = "level"
-    granularity: str = "element"
-    seed: int = 0
-
-    @property
-    def n_m(self) -> tuple[int, int] | None:
-        """``(N, M)`` for an ``'N:M'`` granularity, else None."""
-        if ":" not in self.granularity:
-            return None
-        n, m = self.granularity.split(":")
-        return int(n), int(m)
-
-    def cap_for(self, name: str) -> float | None:
-        """The ``max_sparsity_per_layer`` cap of one layer, or None when uncapped."""
-        cap = self.max_sparsity_per_layer
-        if isinstance(cap, tuple):
-            return dict(cap).get(name)
-        return cap
-
-
-@dataclass(frozen=True)
-class SubConfig:
-    """One validated sub-config of a config_list; ``index`` is its place in the list."""
-
-    index: int
-    op_types: tuple[str, ...] | None = None
-    op_names: tuple[str, ...] | None = None
-    op_partial_names: tuple[str, ...] | None = None
-    exclude: bool = False
-    prune: PruneSetting | None = None
-    quant: QuantPlan | None = None
-
-
-def load_config(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a config_list from a ``.json`` or ``.yaml``/``.yml`` file.
-
-    Args:
-        path: the file. YAML needs PyYAML installed.
-    Returns:
-        The raw config_list (validate it with :func:`parse_config` or pass it to ``compress``).
-    Raises:
-        ConfigError: the file cannot be read as a config list.
-
-    >>> load_config("cfg.json")  # doctest: +SKIP
-    [{'op_types': ['Conv2d'], 'sparsity_per_layer': 0.5}]
-    """
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{path}: reading YAML needs PyYAML; run `pip install pyyaml` "
-                              "or write the config as JSON") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    if isinstance(data, Mapping) and "config_list" in data:
-        data = data["config_list"]
-    return data
 
 
 def parse_config(config_list: Any) -> tuple[SubConfig, ...]:
@@ -345,9 +209,9 @@ def _parse_quant(where: str, raw: Mapping[str, Any]) -> QuantPlan | None:
     if "quant_bits" not in raw:
         raise ConfigError(f"{where}: 'quant_types' needs 'quant_bits'; add e.g. 'quant_bits': 8")
     bits = _per_type(f"{where}['quant_bits']", raw["quant_bits"], types, None, _check_bits)
-    schemes = _per_type(f"{where}['quant_scheme']", raw.get("quant_scheme"), types, _DEFAULT_SCHEME,
+    schemes = _per_type(f"{where}['quant_scheme']", raw.get("quant_scheme"), types, DEFAULT_SCHEME,
                         _choice(SCHEMES), partial=True)
-    dtypes = _per_type(f"{where}['quant_dtype']", raw.get("quant_dtype"), types, _DEFAULT_DTYPE,
+    dtypes = _per_type(f"{where}['quant_dtype']", raw.get("quant_dtype"), types, DEFAULT_DTYPE,
                        _choice(DTYPES), partial=True)
     start = raw.get("quant_start_step", 0)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
@@ -405,13 +269,3 @@ def _per_type(place: str, value: Any, types: tuple[str, ...], defaults: Mapping[
     out = {t: defaults[t] for t in types} if defaults else {}
     out.update({t: check(f"{place}[{t!r}]", v) for t, v in value.items()})
     return out
-
-
-def caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside fxcompress, so warnings point at user code."""
-    import sys
-
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(frame.f_code.co_filename).startswith(_PACKAGE_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fxcompress.config import PruneSetting, ratio_floor
 from fxcompress.errors import ConfigError
+from fxcompress.settings import PruneSetting, ratio_floor
 
 __all__ = ["global_masks", "kth_smallest", "layer_mask", "lowest_k_mask", "n_m_mask", "schedule_fraction", "scores"]
 

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import fxcompress
-from fxcompress.config import ratio_floor
+from fxcompress.settings import ratio_floor
 
 from .fixtures import masked_reference
 

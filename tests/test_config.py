@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from fxcompress import ConfigError, load_config, parse_config
-from fxcompress.config import QuantSetting, ratio_floor
+from fxcompress.settings import QuantSetting, ratio_floor
 
 C = {"op_types": ["Conv2d"]}
 Q = {"op_types": ["Conv2d"], "quant_types": ["input", "weight"], "quant_bits": 8}

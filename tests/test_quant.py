@@ -13,9 +13,9 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import fxcompress
-from fxcompress.config import QuantSetting
 from fxcompress.masking import masked_weight
 from fxcompress.quant import ActivationQuantizer, WeightQuantizer, qparams
+from fxcompress.settings import QuantSetting
 
 from .fixtures import SeedModel, seed_input
 

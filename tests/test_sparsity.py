@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fxcompress
 from fxcompress import ConfigError
-from fxcompress.config import PruneSetting
+from fxcompress.settings import PruneSetting
 from fxcompress.sparsity import global_masks, kth_smallest, layer_mask, lowest_k_mask, schedule_fraction
 
 from .fixtures import TwoLayers
