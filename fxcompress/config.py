@@ -15,12 +15,14 @@ from fxcompress.settings import (
     DEFAULT_DTYPE,
     DEFAULT_SCHEME,
     DTYPES,
+    KNOWN_TYPE_NAMES,
     QUANT_TYPES,
     SCHEMES,
     PruneSetting,
     QuantPlan,
     QuantSetting,
     SubConfig,
+    suggest_type_name,
 )
 
 __all__ = ["VALID_KEYS", "parse_config"]
@@ -85,14 +87,27 @@ def _parse_selector(where: str, key: str, value: Any) -> tuple[str, ...]:
                           "remove the key or name at least one entry")
     if key == "op_types":
         for name in value:
-            if name != "default" and name not in COMPRESSIBLE_TYPES:
-                close = difflib.get_close_matches(name, COMPRESSIBLE_TYPES + ("default",), n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(f"{place}: {name!r} is not a layer type fxcompress can compress; "
-                                  f"{hint}supported: {', '.join(COMPRESSIBLE_TYPES)} or 'default'")
+            _check_type_name(place, name)
         if "default" in value:
             value = list(dict.fromkeys([t for t in value if t != "default"] + list(COMPRESSIBLE_TYPES)))
     return tuple(value)
+
+
+def _check_type_name(place: str, name: str) -> None:
+    """Reject an ``op_types`` entry that cannot be a class name, or a wrong-case compressible type.
+
+    Any other class name parses (SPEC.md §2.1: a subclass answers to its own name); whether the
+    model has a layer of that type is checked against the model, in ``matching``.
+    """
+    hint = suggest_type_name(name)
+    if not all(part.isidentifier() for part in name.split(".")):
+        fix = f"did you mean '{hint}'? " if hint else ""
+        raise ConfigError(f"{place}: {name!r} is not a layer class name (expected an identifier such as "
+                          f"'Conv2d', or a qualified name such as 'torch.nn.Conv2d'); {fix}"
+                          f"fxcompress compresses {', '.join(COMPRESSIBLE_TYPES)} or 'default'")
+    if name not in KNOWN_TYPE_NAMES and name.lower() in {k.lower() for k in KNOWN_TYPE_NAMES}:
+        raise ConfigError(f"{place}: {name!r} is not a layer type name (class names are case-sensitive); "
+                          f"did you mean '{hint}'?")
 
 
 def _parse_exclude(where: str, raw: Mapping[str, Any]) -> bool:
@@ -211,6 +226,7 @@ def _parse_quant(where: str, raw: Mapping[str, Any]) -> QuantPlan | None:
     bits = _per_type(f"{where}['quant_bits']", raw["quant_bits"], types, None, _check_bits)
     schemes = _per_type(f"{where}['quant_scheme']", raw.get("quant_scheme"), types, DEFAULT_SCHEME,
                         _choice(SCHEMES), partial=True)
+    _check_activation_schemes(f"{where}['quant_scheme']", raw.get("quant_scheme"), schemes)
     dtypes = _per_type(f"{where}['quant_dtype']", raw.get("quant_dtype"), types, DEFAULT_DTYPE,
                        _choice(DTYPES), partial=True)
     start = raw.get("quant_start_step", 0)
@@ -236,6 +252,23 @@ def _parse_quant_types(place: str, value: Any) -> tuple[str, ...]:
         raise ConfigError(f"{place}: 'weight' and 'input' are always quantized together (spec); "
                           "write ['input', 'weight']")
     return tuple(types)
+
+
+def _check_activation_schemes(place: str, value: Any, schemes: Mapping[str, str]) -> None:
+    """Reject a per-channel scheme for an activation: inputs and outputs are quantized per tensor."""
+    for t in ("input", "output"):
+        scheme = schemes.get(t, "")
+        if not scheme.startswith("per_channel"):
+            continue
+        per_tensor = scheme.replace("per_channel", "per_tensor")
+        if isinstance(value, Mapping):
+            raise ConfigError(f"{place}[{t!r}]: {scheme!r}: activations are quantized per tensor; "
+                              f"use {per_tensor!r} (only 'weight' can be quantized per channel)")
+        fix = (f"write {{'weight': {scheme!r}}} to quantize the weight per channel and keep the "
+               f"activations' default, or {{'weight': {scheme!r}, {t!r}: {per_tensor!r}}}"
+               if "weight" in schemes else f"use {per_tensor!r}")
+        raise ConfigError(f"{place}: {scheme!r} applies to {t!r}, but activations are quantized per "
+                          f"tensor; {fix}")
 
 
 def _check_bits(place: str, value: Any) -> int:

@@ -8,9 +8,13 @@ import sys
 import warnings
 
 import pytest
+import torch
 
+import fxcompress
 from fxcompress import ConfigError, load_config, parse_config
-from fxcompress.settings import QuantSetting, ratio_floor
+from fxcompress.settings import KNOWN_TYPE_NAMES, QuantSetting, ratio_floor, suggest_type_name
+
+from .fixtures import TwoLayers
 
 C = {"op_types": ["Conv2d"]}
 Q = {"op_types": ["Conv2d"], "quant_types": ["input", "weight"], "quant_bits": 8}
@@ -29,8 +33,15 @@ REJECTIONS = [
     ([{"op_names": "fc1"}], r"config_list\[0\]\['op_names'\]: .*bare string 'fc1'"),
     ([{"op_partial_names": "layer"}], r"config_list\[0\]\['op_partial_names'\]: .*bare string"),
     ([{"op_types": []}], r"config_list\[0\]\['op_types'\]: the list is empty"),
-    ([{"op_types": ["conv2d"]}], r"'conv2d' is not a layer type fxcompress can compress; did you mean 'Conv2d'\?"),
-    ([{"op_types": ["BatchNorm2d"]}], r"'BatchNorm2d' is not a layer type .* supported: Conv1d, Conv2d"),
+    # §2.1: any class name parses (a subclass answers to its own name); only a wrong-case spelling
+    # of a known name or a string that cannot be a class name is rejected before seeing the model.
+    ([{"op_types": ["conv2d"]}], r"config_list\[0\]\['op_types'\]: 'conv2d' is not a layer type name "
+                                 r"\(class names are case-sensitive\); did you mean 'Conv2d'\?"),
+    ([{"op_types": ["Conv2d", "LINEAR"]}], r"\['op_types'\]: 'LINEAR' is not a layer type name .*did you mean 'Linear'\?"),
+    ([{"op_types": ["Default"]}], r"\['op_types'\]: 'Default' is not a layer type name .*did you mean 'default'\?"),
+    ([{"op_types": ["Conv 2d"]}], r"config_list\[0\]\['op_types'\]: 'Conv 2d' is not a layer class name \(expected "
+                                  r"an identifier .*\); did you mean 'Conv2d'\? fxcompress compresses Conv1d, Conv2d"),
+    ([{"op_types": ["torch.nn."]}], r"\['op_types'\]: 'torch.nn.' is not a layer class name"),
     ([{**C, "exclude": True, "sparsity_per_layer": 0.5}],
      r"config_list\[0\]: 'exclude' cannot be combined with 'sparsity_per_layer'"),
     ([{**C, "exclude": True, "quant_types": ["output"], "quant_bits": 8}],
@@ -77,6 +88,18 @@ REJECTIONS = [
     ([{**Q, "quant_scheme": "per_tensor_asymmetric"}],
      r"\['quant_scheme'\]: expected one of .*got 'per_tensor_asymmetric' \(did you mean 'per_tensor_symmetric'\?\)"),
     ([{**Q, "quant_scheme": {"output": "per_tensor_affine"}}], r"\['quant_scheme'\]: dict keys \['output'\] must be among"),
+    # Activations are quantized per tensor: a per-channel scheme for them is a parse-time error.
+    ([{**Q, "quant_scheme": "per_channel_symmetric"}],
+     r"^config_list\[0\]\['quant_scheme'\]: 'per_channel_symmetric' applies to 'input', but activations are "
+     r"quantized per tensor; write \{'weight': 'per_channel_symmetric'\}"),
+    ([{**C, "quant_types": ["output"], "quant_bits": 8, "quant_scheme": "per_channel_affine"}],
+     r"^config_list\[0\]\['quant_scheme'\]: 'per_channel_affine' applies to 'output', but activations are "
+     r"quantized per tensor; use 'per_tensor_affine'$"),
+    ([{**Q, "quant_scheme": {"weight": "per_channel_affine", "input": "per_channel_affine"}}],
+     r"^config_list\[0\]\['quant_scheme'\]\['input'\]: 'per_channel_affine': activations are quantized per "
+     r"tensor; use 'per_tensor_affine'"),
+    ([{**Q, "quant_types": ["input", "weight", "output"], "quant_scheme": {"output": "per_channel_symmetric"}}],
+     r"^config_list\[0\]\['quant_scheme'\]\['output'\]: 'per_channel_symmetric': activations are quantized"),
     ([{**Q, "quant_dtype": "int8"}], r"\['quant_dtype'\]: expected one of int, uint, got 'int8'"),
     ([{**C, "sparsity_per_layer": 0.5, "criterion": "l3"}], r"\['criterion'\]: expected one of level, l1, l2"),
     ([{**C, "sparsity_per_layer": 0.5, "granularity": "4:2"}], r"\['granularity'\]: expected 'element', 'out_channel'"),
@@ -92,6 +115,38 @@ REJECTIONS = [
 def test_rejections_name_the_place(config_list: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(config_list)
+
+
+@pytest.mark.parametrize("type_name", ["BatchNorm2d", "Conv2dSame", "NonDynamicallyQuantizableLinear",
+                                       "timm.layers.Linear", "MyLinear"])
+def test_any_class_name_parses_in_op_types(type_name: str) -> None:
+    # §2.1: a layer answers to its own class name too, so names outside COMPRESSIBLE_TYPES are kept
+    # as written; whether the model has such a layer is checked against the model (matching).
+    (sub,) = parse_config([{"op_types": [type_name, "Linear"], "sparsity_per_layer": 0.5}])
+    assert sub.op_types == (type_name, "Linear")
+
+
+def test_default_expands_to_the_compressible_types_after_the_named_ones() -> None:
+    (sub,) = parse_config([{"op_types": ["Conv2dSame", "default", "Linear"]}])
+    assert sub.op_types == ("Conv2dSame", "Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+def test_per_channel_weight_scheme_parses() -> None:
+    (sub,) = parse_config([{**Q, "quant_scheme": {"weight": "per_channel_affine", "input": "per_tensor_symmetric"}}])
+    assert sub.quant.weight.scheme == "per_channel_affine" and sub.quant.input.scheme == "per_tensor_symmetric"
+
+
+def test_per_channel_activation_scheme_leaves_an_inplace_model_untouched() -> None:
+    model = TwoLayers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [name for name, _ in model.named_modules()]
+    with pytest.raises(ConfigError, match=r"config_list\[0\]\['quant_scheme'\]"):
+        fxcompress.compress(model, [{"op_types": ["Linear"], "quant_types": ["input", "weight"], "quant_bits": 8,
+                                     "quant_scheme": "per_channel_symmetric"}], inplace=True)
+    assert [name for name, _ in model.named_modules()] == modules
+    assert model.state_dict().keys() == before.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -159,3 +214,11 @@ def test_bad_json_file(tmp_path) -> None:
     (tmp_path / "c.json").write_text("[{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize(("name", "known", "expected"), [
+    ("conv2d", KNOWN_TYPE_NAMES, "Conv2d"), ("Linaer", KNOWN_TYPE_NAMES, "Linear"),
+    ("conv2dsame", ("Conv2dSame", "Conv2d"), "Conv2dSame"), ("Transformer", KNOWN_TYPE_NAMES, None)])
+def test_suggest_type_name_prefers_a_case_insensitive_match(name: str, known: tuple[str, ...],
+                                                            expected: str | None) -> None:
+    assert suggest_type_name(name, known) == expected
