@@ -21,8 +21,14 @@ def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Mod
         for name, mask in masks.items():
             layer = ref.get_submodule(name)
             layer.weight.mul_(mask)
-            if layer.bias is not None:
-                layer.bias.mul_(mask.reshape(mask.shape[0], -1).any(dim=1))
+            if layer.bias is None:
+                continue
+            # An independent transcription of SPEC.md §4 ("a bias entry is masked when the whole
+            # output row/filter it belongs to is masked"), written filter by filter on purpose: it
+            # must not share an expression with passes/prune.py, or a wrong rule would pass both.
+            for i in range(layer.weight.shape[0]):
+                if not mask[i].any():
+                    layer.bias[i] = 0.0
     return ref
 
 
