@@ -1,4 +1,4 @@
-"""The one owner of ``node.meta["fxcompress"]``: a frozen LayerPlan per compressible call site."""
+"""The one owner of ``node.meta["fxcompress"]``: a frozen LayerPlan per layer read, a NodeRole per added node."""
 
 from __future__ import annotations
 
@@ -7,21 +7,23 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from fxcompress.config import PruneSetting, QuantPlan
+from fxcompress.settings import PruneSetting, QuantPlan
 
-__all__ = ["META_KEY", "RECORD", "LayerPlan", "LeafPlan", "get_leaf_plan", "get_plan", "layer_plans", "plans_of", "set_plan",
-           "type_name_of"]
+__all__ = ["META_KEY", "RECORD", "STEP_COUNTER", "LayerPlan", "LeafPlan", "NodeRole", "get_leaf_plan", "get_plan",
+           "get_role", "layer_plans", "plans_of", "set_plan", "set_role"]
 
 META_KEY = "fxcompress"
 RECORD = "fxcompress_record"
-
+STEP_COUNTER = "fxcompress_step"
 
 @dataclass(frozen=True)
 class LayerPlan:
     """What the config decided for one layer.
 
     ``config_index`` is the sub-config that applies (None when none selects the layer);
-    ``overridden`` the earlier sub-configs that also selected it.
+    ``overridden`` the earlier sub-configs that also selected it. ``used`` is False for a
+    layer the traced forward never calls nor reads; ``unreachable`` describes the reads of its
+    weight whose input fxcompress cannot see (input/output quantization skipped there).
     """
 
     name: str
@@ -32,10 +34,14 @@ class LayerPlan:
     prune: PruneSetting | None = None
     quant: QuantPlan | None = None
     leaf: str | None = None
+    used: bool = True
+    unreachable: tuple[str, ...] = ()
+    blocked: str | None = None
 
     @property
     def compressed(self) -> bool:
-        return self.prune is not None or self.quant is not None
+        """True when the model computes this layer compressed (what ``compress`` rewrites)."""
+        return self.used and self.blocked is None and (self.prune is not None or self.quant is not None)
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,17 @@ class LeafPlan:
     layers: tuple[LayerPlan, ...]
 
 
+@dataclass(frozen=True)
+class NodeRole:
+    """What a node that a pass added does for a layer: ``kind`` is one of ``weight_mask``,
+    ``bias_mask``, ``weight_quantizer``, ``input_quantizer``, ``output_quantizer`` or ``step``."""
+
+    layer: str
+    kind: str
+
+
 def get_plan(node: torch.fx.Node) -> LayerPlan | None:
-    """The plan of the layer a node calls, or None (also for a leaf-module call)."""
+    """The plan of the layer a node calls or reads, or None (also for a leaf-module call)."""
     plan = node.meta.get(META_KEY)
     return plan if isinstance(plan, LayerPlan) else None
 
@@ -58,10 +73,21 @@ def get_leaf_plan(node: torch.fx.Node) -> LeafPlan | None:
     return plan if isinstance(plan, LeafPlan) else None
 
 
+def get_role(node: torch.fx.Node) -> NodeRole | None:
+    """The role of a node a pass added, or None."""
+    role = node.meta.get(META_KEY)
+    return role if isinstance(role, NodeRole) else None
+
+
 def set_plan(node: torch.fx.Node, plan: LayerPlan | LeafPlan) -> None:
     """Annotate a node; a node holds at most one plan."""
     assert isinstance(plan, (LayerPlan, LeafPlan))
     node.meta[META_KEY] = plan
+
+
+def set_role(node: torch.fx.Node, role: NodeRole) -> None:
+    """Mark a node a pass added with what it does."""
+    node.meta[META_KEY] = role
 
 
 def layer_plans(graph: torch.fx.Graph) -> dict[str, LayerPlan]:
@@ -72,31 +98,15 @@ def layer_plans(graph: torch.fx.Graph) -> dict[str, LayerPlan]:
     plans: dict[str, LayerPlan] = {}
     for node in graph.nodes:
         plan = node.meta.get(META_KEY)
-        for layer in plan.layers if isinstance(plan, LeafPlan) else (plan,) if plan is not None else ():
+        for layer in plan.layers if isinstance(plan, LeafPlan) else (plan,) if isinstance(plan, LayerPlan) else ():
             plans.setdefault(layer.name, layer)
     return plans
 
 
 def plans_of(gm: torch.nn.Module) -> dict[str, LayerPlan]:
-    """The plans of a compressed model: from its graph, or from its record when the graph lost
-    its metadata (a GraphModule restored by pickle regenerates its graph from code)."""
+    """The plans of a compressed model, unused layers included: from its record when it has one
+    (it survives pickling, which drops node metadata), else from its graph."""
+    if hasattr(gm, RECORD):
+        return dict(getattr(gm, RECORD).plans)
     graph = getattr(gm, "graph", None)
-    plans = layer_plans(graph) if graph is not None else {}
-    if not plans and hasattr(gm, RECORD):
-        plans = dict(getattr(gm, RECORD).plans)
-    return plans
-
-
-def type_name_of(module: torch.nn.Module) -> str:
-    """The name matching uses for a module's type: ``type(m).__name__`` for torch's own layer classes.
-
-    A user class that only shares a name with a compressible torch class (``my.Linear``) gets its
-    qualified name, so it is never mistaken for the class fxcompress knows how to rewrite.
-    """
-    cls = type(module)
-    if cls.__name__ in _TORCH_LAYERS and _TORCH_LAYERS[cls.__name__] is not cls:
-        return f"{cls.__module__}.{cls.__qualname__}"
-    return cls.__name__
-
-
-_TORCH_LAYERS = {c.__name__: c for c in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)}
+    return layer_plans(graph) if graph is not None else {}

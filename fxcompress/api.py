@@ -6,22 +6,27 @@ import copy
 import linecache
 import logging
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 
-from fxcompress.annotations import RECORD, layer_plans, type_name_of
+from fxcompress.annotations import RECORD, LayerPlan, layer_plans, plans_of
 from fxcompress.config import parse_config
-from fxcompress.errors import TraceError
+from fxcompress.errors import TraceError, caller_stacklevel
+from fxcompress.layer_types import compressible_base, has_own_forward, type_names_of
 from fxcompress.layers import CompressionRecord
-from fxcompress.matching import LayerInfo, check_against_model, resolve_all
-from fxcompress.passes.annotate import annotate_layers
+from fxcompress.matching import LayerInfo, check_against_model, check_traced, resolve_all
+from fxcompress.passes.annotate import annotate_layers, unused_plans
 from fxcompress.passes.functionalize import functionalize_layers
 from fxcompress.passes.leaf_layers import rewrite_leaf_layers
 from fxcompress.passes.prune import pending_masks, rewrite_pruned_layers
 from fxcompress.passes.quantize import insert_fake_quant
+from fxcompress.passes.strip import strip_compression
+from fxcompress.pruning import check_tied, check_unclaimed
+from fxcompress.settings import SubConfig
 
 __all__ = ["compress", "layer_infos", "plan", "select", "trace"]
 
@@ -36,15 +41,16 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     """Trace ``model`` and rewrite the layers ``config_list`` selects into masked / fake-quant form.
 
     Args:
-        model: an ``nn.Module`` (traced with torch.fx) or an existing ``GraphModule``.
-        config_list: NNI-style list of sub-config dicts (see README / SPEC.md).
+        model: an ``nn.Module`` (traced with torch.fx) or a GraphModule, also one ``compress``
+            returned: the new config is then added to the old one (SPEC §2.9).
+        config_list: NNI-style list of sub-config dicts (see README).
         example_inputs: if given, the result is run once on them (eval mode, no grad) as a check.
         leaf_modules: module types or qualified names the tracer must not enter.
         concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments.
         strict: model-dependent config problems raise (True) or warn (False).
         inplace: reuse the model's modules instead of a deep copy.
         start_dense: install all-ones masks and prune nothing yet, so that a
-            ``SparsityScheduler`` ramps from the dense weights (pruned entries are zeroed).
+            ``SparsityScheduler`` ramps from the dense weights (the final target is checked now).
     Returns:
         A new GraphModule that trains, compiles, exports and scripts.
     Raises:
@@ -53,14 +59,19 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
 
     >>> gm = compress(model, [{'op_types': ['Conv2d'], 'sparsity_per_layer': 0.5}])  # doctest: +SKIP
     """
-    gm = plan(model, config_list, leaf_modules=leaf_modules, concrete_args=concrete_args, strict=strict,
-              inplace=inplace)
-    masks = pending_masks(gm, 0.0 if start_dense else 1.0)  # may raise: before any module changes
+    subs = parse_config(config_list)
+    if not any(s.prune is not None or s.quant is not None for s in subs):
+        warnings.warn("compress: the config_list has no pruning or quantization key in any sub-config, so "
+                      "nothing is compressed; add e.g. 'sparsity_per_layer' or 'quant_types'", UserWarning,
+                      stacklevel=caller_stacklevel())
+    gm, previous = _plan(model, subs, leaf_modules, concrete_args, strict, inplace)
+    masks = pending_masks(gm, 0.0 if start_dense else 1.0)  # may raise: before any change
     rewrite_leaf_layers(gm)
     functionalize_layers(gm, finalize=False)
     rewrite_pruned_layers(gm, masks=masks, finalize=False)
-    insert_fake_quant(gm)  # finalizes: lint and generate the code once
-    _record_plans(gm)
+    insert_fake_quant(gm, finalize=False)
+    gm.graph.lint()
+    gm.recompile()
     if example_inputs is not None:
         _smoke_run(gm, example_inputs)
     return gm
@@ -73,19 +84,36 @@ def plan(model: torch.nn.Module, config_list: Any, *, leaf_modules: Iterable[Lea
 
     Arguments as for :func:`compress`; the returned GraphModule computes exactly what the model does.
     """
-    subs = parse_config(config_list)
+    return _plan(model, parse_config(config_list), leaf_modules, concrete_args, strict, inplace)[0]
+
+
+def _plan(model: torch.nn.Module, subs: tuple[SubConfig, ...], leaf_modules: Iterable[LeafSpec],
+          concrete_args: dict[str, Any] | None, strict: bool, inplace: bool
+          ) -> tuple[torch.fx.GraphModule, dict[str, LayerPlan]]:
+    """Trace (or re-graph a GraphModule), annotate, run every model check; changes no module of ``model``."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compress: expected an nn.Module, got {type(model).__name__}")
     check_against_model(subs, layer_infos(model), strict=strict)
+    previous = plans_of(model) if hasattr(model, RECORD) else {}
     if isinstance(model, torch.fx.GraphModule):
-        gm = model if inplace else copy.deepcopy(model)
+        source = model if inplace else copy.deepcopy(model)
+        gm = _regraph(source)
+        strip_compression(gm)  # a compressed model's nodes are rebuilt from the merged plans
     else:
         gm = trace(model if inplace else copy.deepcopy(model), leaf_modules, concrete_args)
-    return annotate_layers(gm, subs)
+    annotate_layers(gm, subs, previous)
+    plans = {**layer_plans(gm.graph), **unused_plans(gm, subs, gm.graph, previous)}
+    check_traced(subs, plans, strict=strict)
+    check_tied(gm, plans)
+    check_unclaimed(gm, plans, previous)
+    _record_plans(gm, plans)
+    return gm, previous
 
 
 def select(model: torch.nn.Module, config_list: Any, *, strict: bool = True) -> list[str]:
     """Names of the layers ``config_list`` selects and does not exclude, in module order.
+
+    Only the module tree is looked at (no tracing): a selected layer the forward never uses is listed.
 
     >>> select(model, [{'op_types': ['Conv2d']}, {'op_names': ['fc1']}])  # doctest: +SKIP
     ['conv1', 'conv2', 'fc1']
@@ -98,7 +126,7 @@ def select(model: torch.nn.Module, config_list: Any, *, strict: bool = True) -> 
 
 def layer_infos(model: torch.nn.Module) -> list[LayerInfo]:
     """Every module of ``model`` as matching sees it, in ``named_modules`` order."""
-    return [LayerInfo(name, type_name_of(m), any(True for _ in m.children()))
+    return [LayerInfo(name, type_names_of(m), any(True for _ in m.children()), compressible_base(m) is not None)
             for name, m in model.named_modules() if name]
 
 
@@ -115,6 +143,8 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
+        if has_own_forward(m):
+            return False  # a Conv/Linear subclass with its own forward: trace how it reads its weight
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -180,13 +210,26 @@ def _trace_message(model: torch.nn.Module, where: str, err: Exception) -> str:
             "the argument its control flow depends on")
 
 
-def _record_plans(gm: torch.fx.GraphModule) -> None:
-    if hasattr(gm, RECORD):
-        return
+def _regraph(source: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``source``'s graph that shares its whole module tree.
+
+    ``GraphModule(source, graph)`` would copy only the attributes the graph names, replacing
+    the containers on the way with bare modules; and recompiling ``source`` itself would change
+    the class it shares with the user's model.
+    """
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph(), source.__class__.__name__)
+    for table in ("_modules", "_parameters", "_buffers"):
+        getattr(gm, table).update(getattr(source, table))
+    gm.graph = copy.deepcopy(source.graph)
+    gm.recompile()
+    return gm.train(source.training)
+
+
+def _record_plans(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> None:
     # first in the tree, so a mismatching checkpoint is refused before any other module loads
-    others = dict(gm._modules)
+    others = {k: v for k, v in gm._modules.items() if k != RECORD}
     gm._modules.clear()
-    gm.add_module(RECORD, CompressionRecord(layer_plans(gm.graph)).train(gm.training))
+    gm.add_module(RECORD, CompressionRecord(plans).train(gm.training))
     gm._modules.update(others)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxcompress.errors import ConfigError
+from fxcompress.layer_types import compressible_base, type_names_of
 from fxcompress.masking import masked_bias, masked_weight
 
 __all__ = ["CompressedLayer", "CompressionRecord"]
@@ -26,7 +27,10 @@ class CompressedLayer(nn.Module):
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.type_name = type(layer).__name__
+        self.type_names = type_names_of(layer)
+        base = compressible_base(layer)
+        assert base is not None, "only Conv1d/2d/3d and Linear layers are wrapped"
+        self.compressed_base = base.__name__
         self.weight = layer.weight
         self.bias = layer.bias
         self.conv_dims = 0 if isinstance(layer, nn.Linear) else layer.weight.dim() - 2
@@ -80,7 +84,7 @@ class CompressedLayer(nn.Module):
         return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return f"{self.type_name}, weight={tuple(self.weight.shape)}"
+        return f"{self.type_names[0]}, weight={tuple(self.weight.shape)}"
 
 
 class CompressionRecord(nn.Module):

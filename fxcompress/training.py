@@ -7,9 +7,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxcompress.annotations import plans_of
-from fxcompress.passes.prune import compute_masks, install_masks
-from fxcompress.passes.quantize import STEP_COUNTER
+from fxcompress.annotations import STEP_COUNTER, LayerPlan, plans_of
+from fxcompress.layers import CompressedLayer
+from fxcompress.pruning import compute_masks, install_masks, zero_pruned
+from fxcompress.quant import StepCounter
 from fxcompress.sparsity import schedule_fraction
 
 __all__ = ["SparsityScheduler", "apply_masks", "attach_optimizer", "get_step", "masks", "set_step", "update_masks"]
@@ -21,12 +22,19 @@ def masks(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     >>> {name: float((~m).float().mean()) for name, m in masks(gm).items()}  # doctest: +SKIP
     {'conv1': 0.5, 'conv2': 0.5}
     """
-    return {name.removesuffix(".weight_mask"): buf.bool()
-            for name, buf in gm.named_buffers() if name.endswith("weight_mask")}
+    return {name: gm.get_submodule(name).weight_mask.bool() for name in _pruned(gm)}
+
+
+def _pruned(gm: torch.nn.Module) -> dict[str, LayerPlan]:
+    """The plans of the layers the model prunes: masks are found through them, never by buffer name."""
+    return {n: p for n, p in plans_of(gm).items() if p.prune is not None and p.compressed}
 
 
 def update_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, torch.Tensor]:
-    """Recompute every mask from the current weights with the same config.
+    """Recompute every mask from the current effective weights with the same config.
+
+    Pruned entries count as 0 (SPEC §4), so under a growing ``fraction`` masks only grow; to
+    rank the stored weights afresh, compress the original model again.
 
     Args:
         gm: a model returned by ``compress``.
@@ -34,7 +42,7 @@ def update_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, t
     Returns:
         The new masks (also stored in the model's buffers).
     """
-    plans = {n: p for n, p in plans_of(gm).items() if p.prune is not None}
+    plans = _pruned(gm)
     with torch.no_grad():
         new = compute_masks(gm, plans, fraction)
         install_masks(gm, new)
@@ -43,27 +51,22 @@ def update_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, t
 
 @torch.no_grad()
 def apply_masks(gm: torch.nn.Module) -> None:
-    """Zero every pruned entry of every pruned layer's weight and bias again.
+    """Zero the stored pruned entries of every pruned layer's weight and bias again.
 
-    Pruned entries get zero gradient, so plain training keeps them at zero; an optimizer whose
-    state was built before a mask changed (momentum, Adam moments) can still move them. Call
-    this after such a step (``SparsityScheduler.step`` does it every step).
+    Cosmetic: the forward multiplies every read by the mask, so a pruned entry never acts even
+    when an optimizer whose momentum predates a mask moves it. Zeroing keeps ``state_dict`` sparse.
+    A tensor that a module the config does not prune also reads is left as stored.
     """
-    for name, buffer in gm.named_buffers():
-        if name.endswith("_mask"):
-            owner, _, attr = name.rpartition(".")
-            getattr(gm.get_submodule(owner), attr.removesuffix("_mask")).mul_(buffer)
+    zero_pruned(gm, list(_pruned(gm)))
 
 
 class SparsityScheduler:
     """Gradual pruning, used like an LR scheduler: call ``step()`` after each optimizer step.
 
     Each layer's target ramps from 0 at ``start_step`` to its configured sparsity at
-    ``end_step``; masks are recomputed every ``frequency`` steps. ``kind='agp'`` is the cubic
-    schedule of Zhu & Gupta (2017), ``'linear'`` a straight ramp. Compress with
-    ``start_dense=True`` so the ramp starts from the dense weights (otherwise the entries
-    ``compress`` pruned restart from zero). Every ``step()`` re-zeroes pruned entries, which
-    the optimizer's momentum from before a mask change could otherwise move.
+    ``end_step``; masks are recomputed from the effective weights every ``frequency`` steps, so
+    they only grow. ``kind='agp'`` is the cubic schedule of Zhu & Gupta (2017), ``'linear'`` a
+    straight ramp. Compress with ``start_dense=True`` so the ramp starts from the dense weights.
 
     >>> sched = SparsityScheduler(gm, start_step=0, end_step=100, frequency=10)  # doctest: +SKIP
     >>> for batch in data: loss(gm(batch)).backward(); opt.step(); sched.step()  # doctest: +SKIP
@@ -88,8 +91,6 @@ class SparsityScheduler:
         if self.start <= self.step_count <= self.end and due:
             self.fraction = schedule_fraction(self.step_count, self.start, self.end, self.kind)
             update_masks(self.gm, self.fraction)
-        else:
-            apply_masks(self.gm)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "fraction": self.fraction}
@@ -122,7 +123,7 @@ def attach_optimizer(gm: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
     """
     counter = _counter(gm)
     for module in gm.modules():
-        if hasattr(module, "counts_forwards"):  # the counter and layers inside leaf modules
+        if isinstance(module, (StepCounter, CompressedLayer)):  # the counter and layers inside leaf modules
             module.counts_forwards = False
 
     def count_step(*_: Any) -> None:

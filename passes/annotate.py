@@ -1,30 +1,62 @@
-"""Config pass: annotate every compressible call site with its LayerPlan; changes no node."""
+"""Config pass: annotate every call and weight read of a selected layer with its LayerPlan; changes no node.
+
+A layer is its weight wherever the model reads it (SPEC §2.6): a ``call_module`` of the layer,
+a ``get_attr`` of ``<layer>.weight`` / ``<layer>.bias`` (a functional call on ``self.fc.weight``,
+a subclass's own forward), and the ``F.linear``/``F.convNd`` call that consumes such a read all
+carry the layer's plan. A read whose consumer is not such a call (the weight passed into a
+function fx does not enter) is recorded in the plan as unreachable for input quantization.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import torch
 import torch.fx
+import torch.nn.functional as F
 
-from fxcompress.annotations import META_KEY, LayerPlan, LeafPlan, set_plan, type_name_of
-from fxcompress.config import COMPRESSIBLE_TYPES, SubConfig
+from fxcompress.annotations import META_KEY, LayerPlan, LeafPlan, get_plan, layer_plans, set_plan
+from fxcompress.errors import ConfigError
+from fxcompress.layer_types import compressible_base, has_own_forward, type_name_of, type_names_of
 from fxcompress.matching import resolve
+from fxcompress.settings import SubConfig
 
-__all__ = ["annotate_layers", "plan_for"]
+__all__ = ["COMPUTE_OPS", "annotate_layers", "layer_input", "layer_weight", "plan_for", "unused_plans"]
+
+COMPUTE_OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+# torch modules whose forward reads their sublayers' weights directly, bypassing the sublayers' calls
+_FUSED_READERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+                  torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
+# ops a read may pass through on its way to a compute op and still count as the layer's weight
+_TRANSPARENT_METHODS = ("to", "contiguous", "float", "half", "bfloat16", "type_as")
 
 
-def plan_for(subs: Sequence[SubConfig], name: str, type_name: str, leaf: str | None = None) -> LayerPlan | None:
+def plan_for(subs: Sequence[SubConfig], name: str, module: torch.nn.Module, leaf: str | None = None
+             ) -> LayerPlan | None:
     """The LayerPlan of one layer, or None when no sub-config selects it."""
-    res = resolve(subs, name, type_name)
+    res = resolve(subs, name, type_names_of(module))
     win = res.winner
     if win is None:
         return None
-    return LayerPlan(name=name, type_name=type_name, config_index=win.index, overridden=res.overridden,
+    return LayerPlan(name=name, type_name=type_name_of(module), config_index=win.index, overridden=res.overridden,
                      excluded=win.exclude, prune=win.prune, quant=win.quant, leaf=leaf)
 
 
-def annotate_layers(gm: torch.fx.GraphModule, subs: Sequence[SubConfig]) -> torch.fx.GraphModule:
-    """Write ``node.meta["fxcompress"]`` on each call of a compressible module some sub-config selects.
+def layer_weight(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The weight argument of an ``F.linear``/``F.convNd`` call, positional or keyword."""
+    if node.op != "call_function" or node.target not in COMPUTE_OPS:
+        return None
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+
+
+def layer_input(node: torch.fx.Node) -> torch.fx.Node:
+    """The input of a layer call (``call_module`` or functional), positional or ``input=``."""
+    return node.args[0] if node.args else node.kwargs["input"]
+
+
+def annotate_layers(gm: torch.fx.GraphModule, subs: Sequence[SubConfig],
+                    previous: Mapping[str, LayerPlan] | None = None) -> torch.fx.GraphModule:
+    """Write ``node.meta["fxcompress"]`` on each call and weight read of a layer some sub-config selects.
 
     A call of a leaf module (one the tracer did not enter) that holds selected layers gets a
     LeafPlan listing their plans; they are rewritten at module level later.
@@ -32,22 +64,138 @@ def annotate_layers(gm: torch.fx.GraphModule, subs: Sequence[SubConfig]) -> torc
     Args:
         gm: a traced model; edited in place (metadata only).
         subs: the parsed config list.
+        previous: the plans of an earlier ``compress`` of this model; they are merged (SPEC §2.9).
     Returns:
         ``gm``. A node annotated before keeps its plan (the pass is idempotent).
+    Raises:
+        ConfigError: the earlier and the new config both prune (or both quantize) a layer differently.
     """
+    previous = previous or {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or META_KEY in node.meta:
+        if META_KEY in node.meta:
             continue
-        module = gm.get_submodule(node.target)
-        type_name = type_name_of(module)
-        if type_name in COMPRESSIBLE_TYPES:
-            plan = plan_for(subs, node.target, type_name)
-        else:
-            inner = (plan_for(subs, f"{node.target}.{name}", type_name_of(m), leaf=node.target)
-                     for name, m in module.named_modules() if name and type_name_of(m) in COMPRESSIBLE_TYPES)
-            layers = tuple(p for p in inner if p is not None)
-            plan = LeafPlan(node.target, layers) if layers else None
+        plan = _node_plan(gm, node, subs, previous)
         if plan is not None:
             set_plan(node, plan)
+    _record_reachability(gm)
     gm.graph.lint()
     return gm
+
+
+def _node_plan(gm: torch.fx.GraphModule, node: torch.fx.Node, subs: Sequence[SubConfig],
+               previous: Mapping[str, LayerPlan]) -> LayerPlan | LeafPlan | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if compressible_base(module) is not None:
+            return _checked(_merged(previous.get(node.target), plan_for(subs, node.target, module)), module)
+        inner = ((_merged(previous.get(f"{node.target}.{name}"),
+                          plan_for(subs, f"{node.target}.{name}", m, leaf=node.target)), m, name)
+                 for name, m in module.named_modules() if name and compressible_base(m) is not None)
+        layers = tuple(_blocked_inside(_checked(p, m), module, name) for p, m, name in inner if p is not None)
+        return LeafPlan(node.target, layers) if layers else None
+    if node.op == "get_attr":
+        owner, _, attr = node.target.rpartition(".")
+        module = _module_or_none(gm, owner)
+        if attr in ("weight", "bias") and module is not None and compressible_base(module) is not None:
+            return _merged(previous.get(owner), plan_for(subs, owner, module))
+        return None
+    weight = layer_weight(node)
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+        owner = weight.target.rpartition(".")[0]
+        module = _module_or_none(gm, owner)
+        if module is not None and compressible_base(module) is not None:
+            return _merged(previous.get(owner), plan_for(subs, owner, module))
+    return None
+
+
+def _checked(plan: LayerPlan | None, module: torch.nn.Module) -> LayerPlan | None:
+    """Refuse a compressed layer whose own forward fxcompress cannot see into (it runs as a leaf)."""
+    if plan is not None and plan.compressed and has_own_forward(module):
+        raise ConfigError(
+            f"layer {plan.name!r} ({plan.type_name}) has its own forward but runs inside a leaf module, where "
+            "fxcompress cannot see how it reads its weight; remove it (or its parent) from leaf_modules, or "
+            f"exclude it: {{'op_names': [{plan.name!r}], 'exclude': True}}")
+    return plan
+
+
+def _blocked_inside(plan: LayerPlan, leaf: torch.nn.Module, path: str) -> LayerPlan:
+    """A layer that torch's attention/transformer modules read directly (not as a module call) is blocked."""
+    parts = path.split(".")
+    owners = [leaf] + [leaf.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+    reader = next((m for m in owners if isinstance(m, _FUSED_READERS)), None)
+    if reader is None:
+        return plan
+    reason = (f"{type(reader).__name__} reads its weight directly (fused attention kernels), "
+              "not through a module call, so a mask or quantizer would be bypassed")
+    return LayerPlan(**{**plan.__dict__, "blocked": reason})
+
+
+def _module_or_none(gm: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return gm.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _merged(old: LayerPlan | None, new: LayerPlan | None) -> LayerPlan | None:
+    """An earlier compress's plan with the new one added (SPEC §2.9)."""
+    if old is None or not old.compressed:
+        return new
+    if new is None or not new.compressed:
+        return old
+    for kind in ("prune", "quant"):
+        a, b = getattr(old, kind), getattr(new, kind)
+        if a is not None and b is not None and a != b:
+            raise ConfigError(
+                f"config_list[{new.config_index}]: layer {new.name!r} is already {kind}d by an earlier compress "
+                f"with different settings ({a} vs {b}); compress the original model with one config instead")
+    return LayerPlan(name=new.name, type_name=new.type_name, config_index=new.config_index,
+                     overridden=new.overridden, prune=old.prune or new.prune, quant=old.quant or new.quant,
+                     leaf=new.leaf)
+
+
+def _record_reachability(gm: torch.fx.GraphModule) -> None:
+    """Note in each plan the weight reads whose consumer is not a visible layer call."""
+    unreachable: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        plan = get_plan(node)
+        if plan is None or node.op != "get_attr" or not node.target.endswith(".weight"):
+            continue
+        for user in _consumers(node):
+            if layer_weight(user) is None:
+                what = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", user.target)
+                unreachable.setdefault(plan.name, []).append(f"the read of {node.target} by {what} (node {user.name!r})")
+    if not unreachable:
+        return
+    for node in gm.graph.nodes:
+        plan = get_plan(node)
+        if plan is not None and plan.name in unreachable:
+            node.meta[META_KEY] = LayerPlan(**{**plan.__dict__, "unreachable": tuple(unreachable[plan.name])})
+
+
+def _consumers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that use a weight read, looking through casts such as ``.to(dtype)``."""
+    out = []
+    for user in node.users:
+        if user.op == "call_method" and user.target in _TRANSPARENT_METHODS and user.args[0] is node:
+            out += _consumers(user)
+        else:
+            out.append(user)
+    return out
+
+
+def unused_plans(gm: torch.nn.Module, subs: Sequence[SubConfig], graph: torch.fx.Graph,
+                 previous: Mapping[str, LayerPlan] | None = None) -> dict[str, LayerPlan]:
+    """Plans of the selected layers that the traced forward never calls nor reads (``used=False``)."""
+    seen = set(layer_plans(graph))
+    out = {}
+    for name, module in gm.named_modules():
+        if name and name not in seen and compressible_base(module) is not None and not _inside_leaf(name, graph):
+            plan = (previous or {}).get(name) or plan_for(subs, name, module)
+            if plan is not None:
+                out[name] = LayerPlan(**{**plan.__dict__, "used": False})
+    return out
+
+
+def _inside_leaf(name: str, graph: torch.fx.Graph) -> bool:
+    return any(n.op == "call_module" and name.startswith(f"{n.target}.") for n in graph.nodes)

@@ -2,7 +2,9 @@
 
 ``conv1(x)`` becomes ``conv2d(x, conv1.weight, conv1.bias, stride, padding, dilation, groups)``
 with ``get_attr`` nodes for the parameters, so later passes can splice masks and quantizers into
-the weight, bias, input and output edges. The module stays in the tree and owns the state.
+the weight, bias, input and output edges. The module stays in the tree and owns the state. Each
+parameter ends up read by one ``get_attr`` node (a layer called twice shares it), so its mask
+and weight quantizer run once per forward.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcompress.annotations import get_plan, set_plan
+from fxcompress.layer_types import compressible_base
+from fxcompress.passes.annotate import layer_input
 
 __all__ = ["FUNCTIONAL_OPS", "functionalize_layers"]
 
@@ -25,18 +29,21 @@ def functionalize_layers(gm: torch.fx.GraphModule, *, finalize: bool = True) -> 
     Args:
         gm: an annotated GraphModule, edited in place.
     Returns:
-        ``gm``; the new node carries the same LayerPlan. Already functional layers are left alone.
+        ``gm``; the new nodes carry the same LayerPlan. Already functional layers are left alone.
     """
+    reads: dict[str, torch.fx.Node] = {}
     for node in list(gm.graph.nodes):
         plan = get_plan(node)
+        if node.op == "get_attr" and plan is not None:
+            _share_read(gm.graph, node, reads)
         if node.op != "call_module" or plan is None or not plan.compressed:
             continue
         module = gm.get_submodule(node.target)
         with gm.graph.inserting_before(node):
-            weight = gm.graph.get_attr(f"{node.target}.weight")
-            bias = gm.graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-            new = gm.graph.call_function(FUNCTIONAL_OPS[type(module)],
-                                         _functional_args(gm.graph, module, _input_of(node), weight, bias))
+            weight = _read(gm.graph, f"{node.target}.weight", plan, reads)
+            bias = _read(gm.graph, f"{node.target}.bias", plan, reads) if module.bias is not None else None
+            new = gm.graph.call_function(FUNCTIONAL_OPS[compressible_base(module)],
+                                         _functional_args(gm.graph, module, layer_input(node), weight, bias))
         set_plan(new, plan)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(new)
@@ -47,9 +54,19 @@ def functionalize_layers(gm: torch.fx.GraphModule, *, finalize: bool = True) -> 
     return gm
 
 
-def _input_of(node: torch.fx.Node) -> torch.fx.Node:
-    """The layer's input, passed positionally or as ``input=`` (the name torch's layers use)."""
-    return node.args[0] if node.args else node.kwargs["input"]
+def _read(graph: torch.fx.Graph, target: str, plan: object, reads: dict[str, torch.fx.Node]) -> torch.fx.Node:
+    """The one ``get_attr`` node of a parameter: an earlier one is valid everywhere later in the graph."""
+    if target not in reads:
+        reads[target] = graph.get_attr(target)
+        set_plan(reads[target], plan)
+    return reads[target]
+
+
+def _share_read(graph: torch.fx.Graph, node: torch.fx.Node, reads: dict[str, torch.fx.Node]) -> None:
+    first = reads.setdefault(node.target, node)
+    if first is not node:
+        node.replace_all_uses_with(first)
+        graph.erase_node(node)
 
 
 def _functional_args(graph: torch.fx.Graph, module: torch.nn.Module, x: torch.fx.Node,

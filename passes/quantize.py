@@ -5,27 +5,28 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fxcompress.annotations import LayerPlan, get_plan, layer_plans
+from fxcompress.annotations import STEP_COUNTER, LayerPlan, NodeRole, get_plan, get_role, layer_plans, set_role
 from fxcompress.layers import CompressedLayer
+from fxcompress.passes.annotate import layer_weight
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
 
-__all__ = ["STEP_COUNTER", "insert_fake_quant"]
-
-STEP_COUNTER = "fxcompress_step"
+__all__ = ["insert_fake_quant"]
 
 
 def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> torch.fx.GraphModule:
     """Give every layer annotated with quantization its quantizer modules and nodes.
 
     Quantizers live under the layer (``conv1.input_quantizer``, ``conv1.weight_quantizer``,
-    ``conv1.output_quantizer``); one ``fxcompress_step`` counter feeds them all.
+    ``conv1.output_quantizer``); one ``fxcompress_step`` counter feeds them all. Every read of
+    the weight passes the weight quantizer (after the mask); every visible call of the layer
+    passes its input and output through the activation quantizers.
 
     Args:
         gm: an annotated GraphModule whose compressed layers are functional; edited in place.
     Returns:
         ``gm``. Running it again changes nothing.
     """
-    plans = {n: p for n, p in layer_plans(gm.graph).items() if p.quant is not None}
+    plans = {n: p for n, p in layer_plans(gm.graph).items() if p.quant is not None and p.compressed}
     if plans:
         _insert_quantizers(gm, plans)
     if finalize:  # compress() runs the passes back to back and finalizes once
@@ -45,13 +46,15 @@ def _insert_quantizers(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) ->
             layer.attach_step(counter.step)  # layers inside leaf modules read the shared counter
     for node in list(gm.graph.nodes):
         plan = get_plan(node)
-        if node.op != "call_function" or plan is None or plan.quant is None:
+        if plan is None or plan.quant is None or not plan.compressed:
             continue
-        for kind, index in (("input", 0), ("weight", 1)):
-            if getattr(plan.quant, kind) is not None:
-                _quantize_arg(gm.graph, node, index, f"{plan.name}.{kind}_quantizer", step)
-        if plan.quant.output is not None:
-            _quantize_output(gm.graph, node, f"{plan.name}.output_quantizer", step)
+        if node.op == "get_attr" and node.target.endswith(".weight") and plan.quant.weight is not None:
+            _quantize_read(gm.graph, node, plan.name, step)
+        elif layer_weight(node) is not None:
+            if plan.quant.input is not None:
+                _quantize_input(gm.graph, node, plan.name, step)
+            if plan.quant.output is not None:
+                _quantize_output(gm.graph, node, plan.name, step)
 
 
 def _add_quantizers(layer: torch.nn.Module, plan: LayerPlan) -> None:
@@ -59,36 +62,54 @@ def _add_quantizers(layer: torch.nn.Module, plan: LayerPlan) -> None:
     for kind, cls in (("input", ActivationQuantizer), ("weight", WeightQuantizer),
                       ("output", ActivationQuantizer)):
         setting = getattr(quant, kind)
-        if setting is not None and not hasattr(layer, f"{kind}_quantizer"):
+        if setting is not None and not isinstance(getattr(layer, f"{kind}_quantizer", None), cls):
             quantizer = cls(setting, quant.start_step, layer.weight.device).train(layer.training)
             layer.add_module(f"{kind}_quantizer", quantizer)
 
 
 def _step_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target == STEP_COUNTER:
+        if get_role(node) == NodeRole("", "step"):
             return node
-    if not hasattr(gm, STEP_COUNTER):
+    if not isinstance(getattr(gm, STEP_COUNTER, None), StepCounter):
         device = next(gm.parameters()).device
         gm.add_module(STEP_COUNTER, StepCounter(device).train(gm.training))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     anchor = gm.graph.inserting_after(placeholders[-1]) if placeholders else gm.graph.inserting_before()
     with anchor:
-        return gm.graph.call_module(STEP_COUNTER, ())
+        node = gm.graph.call_module(STEP_COUNTER, ())
+    set_role(node, NodeRole("", "step"))
+    return node
 
 
-def _quantize_arg(graph: torch.fx.Graph, node: torch.fx.Node, index: int, target: str,
+def _insert_after(graph: torch.fx.Graph, source: torch.fx.Node, layer: str, kind: str,
                   step: torch.fx.Node) -> None:
-    arg = node.args[index]
-    if arg.op == "call_module" and arg.target == target:
+    """``source`` -> ``<layer>.<kind>(source, step)`` for every user of ``source``."""
+    if any(get_role(u) == NodeRole(layer, kind) for u in source.users):
+        return  # the pass is idempotent
+    with graph.inserting_after(source):
+        new = graph.call_module(f"{layer}.{kind}", (source, step))
+    set_role(new, NodeRole(layer, kind))
+    source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+def _quantize_read(graph: torch.fx.Graph, read: torch.fx.Node, layer: str, step: torch.fx.Node) -> None:
+    masked = [u for u in read.users if get_role(u) == NodeRole(layer, "weight_mask")]
+    _insert_after(graph, masked[0] if masked else read, layer, "weight_quantizer", step)
+
+
+def _quantize_input(graph: torch.fx.Graph, node: torch.fx.Node, layer: str, step: torch.fx.Node) -> None:
+    x = node.args[0] if node.args else node.kwargs["input"]
+    if get_role(x) == NodeRole(layer, "input_quantizer"):
         return
     with graph.inserting_before(node):
-        node.update_arg(index, graph.call_module(target, (arg, step)))
+        new = graph.call_module(f"{layer}.input_quantizer", (x, step))
+    set_role(new, NodeRole(layer, "input_quantizer"))
+    if node.args:
+        node.update_arg(0, new)
+    else:
+        node.update_kwarg("input", new)
 
 
-def _quantize_output(graph: torch.fx.Graph, node: torch.fx.Node, target: str, step: torch.fx.Node) -> None:
-    if any(u.op == "call_module" and u.target == target for u in node.users):
-        return
-    with graph.inserting_after(node):
-        quantized = graph.call_module(target, (node, step))
-    node.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
+def _quantize_output(graph: torch.fx.Graph, node: torch.fx.Node, layer: str, step: torch.fx.Node) -> None:
+    _insert_after(graph, node, layer, "output_quantizer", step)

@@ -39,12 +39,15 @@ def test_annotate_real_model(name: str) -> None:
     gm.graph.lint()
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     modules = dict(model.named_modules())
-    matching = {n for n, m in modules.items() if type(m) in (nn.Conv2d, nn.Linear)}
+    # SPEC §2.1: subclasses count (torchvision's attention out_proj is a NonDynamicallyQuantizableLinear)
+    matching = {n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    leaves = {t for t in calls if t not in matching and any(n.startswith(f"{t}.") for n in matching)}
+    inside = {n for n in matching if any(n.startswith(f"{t}.") for t in leaves)}
     annotated = [n for n in gm.graph.nodes if META_KEY in n.meta]
-    # every call of every matching module is annotated, nothing else is
-    assert len(annotated) == sum(calls[n] for n in matching)
-    assert {n.target for n in annotated} == matching & set(calls)
-    assert len(layer_plans(gm.graph)) == len(matching & set(calls))
+    # every call of every matching module, and every leaf call holding one, is annotated; nothing else is
+    assert len(annotated) == sum(calls[n] for n in (matching & set(calls)) | leaves)
+    assert {n.target for n in annotated} == (matching & set(calls)) | leaves
+    assert len(layer_plans(gm.graph)) == len(matching & set(calls)) + len(inside)
     torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
     before = [dict(n.meta) for n in gm.graph.nodes]
     annotate_layers(gm, parse_config(config_list))

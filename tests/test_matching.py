@@ -96,14 +96,15 @@ def test_partial_names_with_types_intersect() -> None:
         "blocks.0.proj", "blocks.1.proj"]
 
 
-def test_exact_type_name_match_excludes_subclasses() -> None:
+def test_subclass_answers_to_its_own_and_its_torch_base_name() -> None:
     class MyLinear(nn.Linear):
         pass
 
     model = nn.Sequential(nn.Linear(4, 4), MyLinear(4, 4))
-    assert select(model, [{"op_types": ["Linear"]}]) == ["0"]
-    with pytest.raises(ConfigError, match=r"'1' is a MyLinear, which fxcompress cannot compress"):
-        select(model, [{"op_names": ["1"]}])
+    assert select(model, [{"op_types": ["Linear"]}]) == ["0", "1"]  # SPEC §2.1
+    assert select(model, [{"op_types": ["MyLinear"]}]) == ["1"]
+    assert select(model, [{"op_types": ["Linear"]}, {"op_types": ["MyLinear"], "exclude": True}]) == ["0"]
+    assert select(model, [{"op_names": ["1"]}]) == ["1"]
 
 
 def test_module_called_twice_is_one_layer_with_one_plan() -> None:
@@ -211,7 +212,7 @@ sub_configs = st.fixed_dictionaries({}, optional={
                        unique_by=lambda t: t[0]),
        config_list=st.lists(sub_configs, min_size=1, max_size=5))
 def test_resolution_matches_brute_force(layers: list[tuple[str, str]], config_list: list[dict]) -> None:
-    infos = [LayerInfo(n, t) for n, t in layers]
+    infos = [LayerInfo.of(n, t) for n, t in layers]
     got = {n: (r.winner.index, r.winner.exclude) for n, r in resolve_all(parse_config(config_list), infos).items()}
     assert got == brute_force(config_list, layers)
 

@@ -209,7 +209,8 @@ def test_graph_has_visible_quant_nodes() -> None:
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert calls.count("fxcompress_step") == 1
     for layer in ("conv1", "conv2"):
-        assert [c for c in calls if c.startswith(layer)] == [f"{layer}.input_quantizer", f"{layer}.weight_quantizer",
+        # the weight's chain sits right after its read; then the call's input and output
+        assert [c for c in calls if c.startswith(layer)] == [f"{layer}.weight_quantizer", f"{layer}.input_quantizer",
                                                               f"{layer}.output_quantizer"]
     # the weight quantizer sees the masked weight
     wq = next(n for n in gm.graph.nodes if n.target == "conv1.weight_quantizer")

@@ -1,0 +1,153 @@
+"""Masks of the pruned layers: computed from the effective weights, installed as buffers, shared by tied layers.
+
+Everything here works on the module tree and the layers' plans; no graph, no buffer found by
+its name alone (SPEC §4): a layer's mask is ``<layer>.weight_mask`` because its plan prunes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.utils.prune
+
+from fxcompress.annotations import LayerPlan
+from fxcompress.errors import ConfigError
+from fxcompress.sparsity import global_masks, layer_mask
+
+__all__ = ["check_tied", "check_unclaimed", "compute_masks", "effective_weight", "install_masks", "tied_layers", "zero_pruned"]
+
+
+def effective_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The weight as the forward uses it: pruned entries count as 0 (detached)."""
+    weight = layer.weight.detach()
+    mask = getattr(layer, "weight_mask", None)
+    return weight if mask is None else weight * mask
+
+
+def tied_layers(gm: torch.nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """Layer name -> the layers in ``names`` that hold the same weight tensor (itself first), for tied ones."""
+    by_weight: dict[int, list[str]] = {}
+    for name in names:
+        by_weight.setdefault(id(gm.get_submodule(name).weight), []).append(name)
+    return {n: group for group in by_weight.values() if len(group) > 1 for n in group}
+
+
+def check_tied(gm: torch.nn.Module, plans: Mapping[str, LayerPlan]) -> None:
+    """One weight shared by two compressed layers needs one setting (SPEC §2.7).
+
+    Raises:
+        ConfigError: naming both layers and both settings.
+    """
+    compressed = [n for n, p in plans.items() if p.compressed]
+    for name, group in tied_layers(gm, compressed).items():
+        first = plans[group[0]]
+        mine = plans[name]
+        if (mine.prune, mine.quant) != (first.prune, first.quant):
+            raise ConfigError(
+                f"layers {group[0]!r} and {name!r} share one weight tensor but get different settings "
+                f"(config_list[{first.config_index}] vs config_list[{mine.config_index}]: prune {first.prune} vs "
+                f"{mine.prune}, quant {first.quant} vs {mine.quant}); give them one sub-config")
+
+
+def check_unclaimed(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], previous: Mapping[str, LayerPlan]) -> None:
+    """The layers this compress will change must not carry someone else's pruning (SPEC §4).
+
+    Raises:
+        ConfigError: a layer pruned with ``torch.nn.utils.prune`` (its ``weight`` is recomputed by a
+            hook, so a graph read of it is stale), or one that already holds a ``weight_mask`` /
+            ``bias_mask`` that no earlier ``compress`` made.
+    """
+    for name, plan in plans.items():
+        if not plan.compressed:
+            continue
+        layer = gm.get_submodule(name)
+        if torch.nn.utils.prune.is_pruned(layer):
+            raise ConfigError(f"layer {name!r} was pruned with torch.nn.utils.prune (it has weight_orig/weight_mask "
+                              "and a forward pre-hook); make that pruning permanent with "
+                              f"torch.nn.utils.prune.remove(model.{name}, 'weight') before compressing it")
+        old = previous.get(name)
+        if plan.prune is not None and (old is None or old.prune is None or not old.compressed):
+            for attr in ("weight_mask", "bias_mask"):
+                if hasattr(layer, attr):
+                    raise ConfigError(f"layer {name!r} already has an attribute {attr!r} that fxcompress did not "
+                                      "make; fxcompress stores its mask under that name: rename yours")
+
+
+def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction: float = 1.0
+                  ) -> dict[str, torch.Tensor]:
+    """Bool weight keep-masks of the pruned layers in ``plans``, from their effective weights.
+
+    ``total_sparsity`` layers are allocated together per sub-config (the group of layers for
+    which that sub-config is the one that applies); layers sharing one weight get one mask.
+
+    Raises:
+        ConfigError: unreachable caps, or an N:M pattern that does not fit a layer.
+    """
+    pruned = [n for n, p in plans.items() if p.prune is not None and p.compressed]
+    tied = tied_layers(gm, pruned)
+    owners = [n for n in pruned if tied.get(n, [n])[0] == n]
+    masks: dict[str, torch.Tensor] = {}
+    groups: dict[int, dict[str, torch.Tensor]] = {}
+    for name in owners:
+        plan = plans[name]
+        weight = effective_weight(gm.get_submodule(name))
+        if plan.prune.total_sparsity is not None:
+            groups.setdefault(plan.config_index, {})[name] = weight
+        else:
+            masks[name] = layer_mask(weight, plan.prune, name, fraction)
+    for index, weights in groups.items():
+        setting = plans[next(iter(weights))].prune
+        masks.update(global_masks(weights, setting, f"config_list[{index}]", fraction))
+    for name in pruned:
+        masks.setdefault(name, masks[tied[name][0]] if name in tied else None)
+    return {name: masks[name] for name in pruned}
+
+
+@torch.no_grad()
+def install_masks(gm: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Store masks as ``<layer>.weight_mask`` / ``<layer>.bias_mask`` buffers (tied layers share one tensor).
+
+    The buffers hold 1.0 (kept) and 0.0 (pruned) in the weight's dtype: the forward multiplies by
+    them, and a same-dtype multiply is several times faster than a bool one on CPU. A bias entry
+    is pruned when the whole output row/filter it belongs to is pruned. The stored pruned entries
+    are zeroed too, unless a module the config does not prune reads the same tensor.
+    """
+    shared: dict[int, dict[str, torch.Tensor]] = {}
+    for name, mask in masks.items():
+        layer = gm.get_submodule(name)
+        key = id(layer.weight)
+        if key not in shared:
+            dtype, device = layer.weight.dtype, layer.weight.device
+            values = {"weight": mask.to(device, dtype)}
+            if layer.bias is not None:
+                values["bias"] = mask.reshape(mask.shape[0], -1).any(dim=1).to(device, dtype)
+            shared[key] = values
+        for param, value in shared[key].items():
+            current = getattr(layer, f"{param}_mask", None)
+            if isinstance(current, torch.Tensor) and f"{param}_mask" in layer._buffers:
+                current.copy_(value)
+                shared[key][param] = current  # a tied layer shares the tensor already installed
+            else:
+                layer.register_buffer(f"{param}_mask", value)
+    zero_pruned(gm, list(masks))
+
+
+@torch.no_grad()
+def zero_pruned(gm: torch.nn.Module, names: list[str]) -> None:
+    """Zero the stored pruned entries of these layers' weights and biases (cosmetic: the forward masks).
+
+    A tensor that a module outside ``names`` also holds (an LM head tied to an embedding) is left
+    as stored, since that module reads it unmasked (SPEC §2.6).
+    """
+    holders: dict[int, set[str]] = {}
+    for owner, module in gm.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), set()).add(owner)
+    for name in names:
+        layer = gm.get_submodule(name)
+        for param in ("weight", "bias"):
+            tensor, mask = getattr(layer, param), getattr(layer, f"{param}_mask", None)
+            if tensor is not None and mask is not None and holders.get(id(tensor), set()) <= set(names):
+                tensor.mul_(mask)
