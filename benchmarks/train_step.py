@@ -121,10 +121,11 @@ def peak_memory(step: Callable[[], None]) -> int:
     return max(sum(row) for row in sizes)
 
 
-def bench_model(name: str, mode: str, rounds: int, warmup: int) -> list[dict]:
+def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] | None = None) -> list[dict]:
     model, x, y = model_and_batch(name)
     steps, errors = {}, {}
-    for label, build in variants(model, x).items():
+    chosen = {k: v for k, v in variants(model, x).items() if k == "plain" or not only or k in only}
+    for label, build in chosen.items():
         try:
             steps[label] = make_step(build(), x, y, compiled=mode == "compiled")
             for _ in range(warmup):
@@ -145,7 +146,7 @@ def bench_model(name: str, mode: str, rounds: int, warmup: int) -> list[dict]:
             plain_times.append(t1 - t0)
     plain_peak = peak_memory(steps["plain"])
     rows = []
-    for label in variants(model, x):
+    for label in chosen:
         if label == "plain":
             continue
         row = {"model": name, "mode": mode, "variant": label}
@@ -166,11 +167,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=["seed", "resnet18", "mlp"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--variants", nargs="+", default=None, help="only these (plain is always run)")
+    parser.add_argument("--results", default="train_step", help="name of the JSON file under benchmarks/results")
     args = parser.parse_args()
     rows = []
     for mode in args.modes:
         for name in args.models:
-            rows += bench_model(name, mode, args.rounds, args.warmup)
+            rows += bench_model(name, mode, args.rounds, args.warmup, args.variants)
             print(f"done {name} {mode}", flush=True)
     table = [[r["model"], r["mode"], r["variant"],
               f"{r['time_ratio']:.3f}" if "time_ratio" in r else (f"{r['median_step_ms']:.1f} ms" if
@@ -179,7 +182,7 @@ def main() -> None:
               r.get("error", "")] for r in rows]
     print(tabulate.tabulate(table, headers=["model", "mode", "variant", "step time / plain", "peak mem / plain",
                                             "error"], tablefmt="github"))
-    print(f"wrote {write_results('train_step', {'rounds': args.rounds, 'rows': rows})}")
+    print(f"wrote {write_results(args.results, {'rounds': args.rounds, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,36 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
             log.info("torch.fx cannot trace %r (%s); retrying with it as a leaf module", where, err)
             leaves.append(where)
     _resolve_string_annotations(graph, model)
-    return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    return _with_module_tree(tracer.root, graph, model.__class__.__name__)
+
+
+def _with_module_tree(root: torch.nn.Module, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
+    """A GraphModule running ``graph`` that shares ``root``'s whole module tree.
+
+    ``GraphModule(root, graph)`` copies only what the graph names and replaces the modules on the
+    way with bare ``nn.Module``s: a layer whose weight is read functionally would lose its type
+    (and so its plan), and an unused layer would vanish from the plan and the state dict.
+    """
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph(), name)
+    for table in ("_modules", "_parameters", "_buffers"):
+        getattr(gm, table).update(getattr(root, table))
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            try:
+                gm.get_submodule(node.target) if node.op == "call_module" else _fetch(gm, node.target)
+            except AttributeError:  # a plain tensor attribute of the root: copied as GraphModule would
+                torch.fx.graph_module._copy_attr(root, gm, node.target)
+    gm.graph = graph
+    gm.recompile()
+    return gm.train(root.training)
+
+
+def _fetch(gm: torch.nn.Module, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    if not hasattr(module, attr):
+        raise AttributeError(target)
+    return getattr(module, attr)
 
 
 def _resolve_string_annotations(graph: torch.fx.Graph, model: torch.nn.Module) -> None:
@@ -211,18 +240,9 @@ def _trace_message(model: torch.nn.Module, where: str, err: Exception) -> str:
 
 
 def _regraph(source: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over a copy of ``source``'s graph that shares its whole module tree.
-
-    ``GraphModule(source, graph)`` would copy only the attributes the graph names, replacing
-    the containers on the way with bare modules; and recompiling ``source`` itself would change
-    the class it shares with the user's model.
-    """
-    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph(), source.__class__.__name__)
-    for table in ("_modules", "_parameters", "_buffers"):
-        getattr(gm, table).update(getattr(source, table))
-    gm.graph = copy.deepcopy(source.graph)
-    gm.recompile()
-    return gm.train(source.training)
+    """A new GraphModule over a copy of ``source``'s graph that shares its whole module tree
+    (recompiling ``source`` itself would change the class it shares with the user's model)."""
+    return _with_module_tree(source, copy.deepcopy(source.graph), source.__class__.__name__)
 
 
 def _record_plans(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> None:

@@ -122,7 +122,7 @@ def _blocked_inside(plan: LayerPlan, leaf: torch.nn.Module, path: str) -> LayerP
     """A layer that torch's attention/transformer modules read directly (not as a module call) is blocked."""
     parts = path.split(".")
     owners = [leaf] + [leaf.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-    reader = next((m for m in owners if isinstance(m, _FUSED_READERS)), None)
+    reader = next((m for m in reversed(owners) if isinstance(m, _FUSED_READERS)), None)
     if reader is None:
         return plan
     reason = (f"{type(reader).__name__} reads its weight directly (fused attention kernels), "
