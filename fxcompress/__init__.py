@@ -3,6 +3,7 @@
 from fxcompress.api import compress, plan, select, trace
 from fxcompress.config import parse_config
 from fxcompress.config_file import load_config
+from fxcompress.distributed import sync_ranges
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.report import calibration, report, summary
 from fxcompress.training import (
@@ -32,6 +33,7 @@ __all__ = [
     "select",
     "set_step",
     "summary",
+    "sync_ranges",
     "trace",
     "update_masks",
 ]
