@@ -55,6 +55,8 @@ def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
         quantizer = getattr(layer, f"{kind}_quantizer", None)
         if quantizer is not None and bool(quantizer.initialized):
             ranges.append(f"{kind} [{float(quantizer.tracked_min):.4g}, {float(quantizer.tracked_max):.4g}]")
+        elif quantizer is not None:
+            ranges.append(f"{kind} not observed")
     site = "graph" if plan.leaf is None else f"in leaf {plan.leaf}"
     return LayerRow(name=plan.name, type_name=plan.type_name, site=site, params=params, config_index=plan.config_index,
                     overridden=plan.overridden, excluded=plan.excluded, target=_target(plan),
@@ -107,7 +109,19 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
 
     Fields: ``weight_bits``, ``weight_scale``, ``weight_zero_point``, ``input_bits``,
     ``tracked_min_input``, ``tracked_max_input``, ``output_bits``, ``tracked_min_output``,
-    ``tracked_max_output`` (for the quantized types of each layer).
+    ``tracked_max_output`` (for the quantized types of each layer), plus ``input_observed`` /
+    ``output_observed``: False for an activation quantizer that has not yet observed a batch with
+    a finite min and max (it passes its input through unchanged), whose tracked range is then
+    None rather than a made-up ``[0, 0]``.
+
+    Args:
+        gm: a model returned by ``fxcompress.compress``.
+
+    Returns:
+        ``{layer name: {field: value}}`` in graph order.
+
+    >>> calibration(gm)["fc1"]["input_observed"]  # doctest: +SKIP
+    True
     """
     out: dict[str, dict[str, Any]] = {}
     for name, plan in plans_of(gm).items():
@@ -123,8 +137,14 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
         for kind in ("input", "output"):
             quantizer = getattr(layer, f"{kind}_quantizer", None)
             if quantizer is not None:
-                fields[f"{kind}_bits"] = quantizer.bits
-                fields[f"tracked_min_{kind}"] = float(quantizer.tracked_min)
-                fields[f"tracked_max_{kind}"] = float(quantizer.tracked_max)
+                fields.update(_activation_fields(kind, quantizer))
         out[name] = fields
     return out
+
+
+def _activation_fields(kind: str, quantizer: torch.nn.Module) -> dict[str, Any]:
+    observed = bool(quantizer.initialized)
+    return {f"{kind}_bits": quantizer.bits,
+            f"tracked_min_{kind}": float(quantizer.tracked_min) if observed else None,
+            f"tracked_max_{kind}": float(quantizer.tracked_max) if observed else None,
+            f"{kind}_observed": observed}

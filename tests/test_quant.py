@@ -317,7 +317,9 @@ def test_calibration_fields_are_json_ready() -> None:
     assert list(cal) == ["fc1"]
     fields = cal["fc1"]
     assert set(fields) == {"weight_bits", "weight_scale", "weight_zero_point", "input_bits", "tracked_min_input",
-                           "tracked_max_input", "output_bits", "tracked_min_output", "tracked_max_output"}
+                           "tracked_max_input", "output_bits", "tracked_min_output", "tracked_max_output",
+                           "input_observed", "output_observed"}
+    assert fields["input_observed"] is True and fields["output_observed"] is True
     json.dumps(cal)
     assert fields["weight_bits"] == 4 and len(fields["weight_scale"]) == 16 and fields["weight_zero_point"] == [0] * 16
     assert fields["weight_scale"][0] == pytest.approx(float(gm.fc1.weight[0].detach().abs().max()) / 7)
@@ -326,6 +328,24 @@ def test_calibration_fields_are_json_ready() -> None:
     report = {r.name: r for r in fxcompress.report(gm)}["fc1"]
     assert report.quant == "weight int4 ch-sym, input uint8 aff, output uint8 aff"
     assert report.ranges.startswith(f"input [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+
+
+def test_calibration_of_an_unobserved_quantizer_says_so() -> None:
+    torch.manual_seed(0)
+    gm = fxcompress.compress(MLP(), [{"op_names": ["fc1"], "quant_types": ["input", "weight", "output"], "quant_bits": 8}])
+    gm.train()
+    gm(torch.tensor([[float("inf"), 0.5, 0.0, 0.0, 0.0, 0.0]]))  # a batch with inf does not count
+    expected = {"input_observed": False, "tracked_min_input": None, "tracked_max_input": None,
+                "output_observed": False, "tracked_min_output": None, "tracked_max_output": None}
+    cal = json.loads(json.dumps(fxcompress.calibration(gm)))["fc1"]
+    assert {k: cal[k] for k in expected} == expected and len(cal["weight_scale"]) == 16
+    assert {r.name: r for r in fxcompress.report(gm)}["fc1"].ranges == "input not observed; output not observed"
+    assert "input not observed" in fxcompress.summary(gm)
+    x = torch.randn(8, 6)
+    gm(x)
+    cal = fxcompress.calibration(gm)["fc1"]
+    assert cal["input_observed"] and cal["output_observed"]
+    assert (cal["tracked_min_input"], cal["tracked_max_input"]) == (float(x.min()), float(x.max()))
 
 
 def test_gate_off_passes_huge_values_and_their_gradient() -> None:
