@@ -125,7 +125,7 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     for name, plan in plans_of(gm).items():
-        if plan.quant is None:
+        if plan.quant is None or not plan.compressed:  # unused or blocked: no quantizer to read
             continue
         layer = gm.get_submodule(name)
         fields: dict[str, Any] = {}

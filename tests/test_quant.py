@@ -348,6 +348,21 @@ def test_calibration_of_an_unobserved_quantizer_says_so() -> None:
     assert (cal["tracked_min_input"], cal["tracked_max_input"]) == (float(x.min()), float(x.max()))
 
 
+class WithAuxHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.aux = nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)  # aux is never used
+
+
+def test_calibration_leaves_out_a_layer_the_forward_never_uses() -> None:
+    gm = fxcompress.compress(WithAuxHead(), [{"op_types": ["Linear"], "quant_types": ["input", "weight"],
+                                               "quant_bits": 8}])
+    assert list(fxcompress.calibration(gm)) == ["fc"]
+
+
 def test_gate_off_passes_huge_values_and_their_gradient() -> None:
     q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).eval()  # never observed
     x = torch.tensor([3e38, -1e30, 5.0], requires_grad=True)
