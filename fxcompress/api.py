@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import linecache
 import logging
-import traceback
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,8 +13,8 @@ import torch.fx
 
 from fxcompress.annotations import RECORD, LayerPlan, layer_plans, plans_of
 from fxcompress.config import parse_config
-from fxcompress.errors import TraceError, caller_stacklevel
-from fxcompress.layer_types import compressible_base, has_own_forward, type_names_of
+from fxcompress.errors import caller_stacklevel
+from fxcompress.layer_types import compressible_base, type_names_of
 from fxcompress.layers import CompressionRecord
 from fxcompress.matching import LayerInfo, check_against_model, check_traced, resolve_all
 from fxcompress.passes.annotate import annotate_layers, unused_plans
@@ -27,13 +25,11 @@ from fxcompress.passes.quantize import insert_fake_quant
 from fxcompress.passes.strip import strip_compression
 from fxcompress.pruning import check_tied, check_unclaimed
 from fxcompress.settings import SubConfig
+from fxcompress.tracing import LeafSpec, trace, with_module_tree
 
 __all__ = ["compress", "layer_infos", "plan", "select", "trace"]
 
 log = logging.getLogger(__name__)
-
-LeafSpec = str | type[torch.nn.Module]
-
 
 def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequence[Any] | None = None,
              leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None,
@@ -130,119 +126,10 @@ def layer_infos(model: torch.nn.Module) -> list[LayerInfo]:
             for name, m in model.named_modules() if name]
 
 
-class _Tracer(torch.fx.Tracer):
-    """A tracer that also stops at user-given leaf modules and remembers where it is."""
-
-    def __init__(self, leaves: Iterable[LeafSpec] = ()) -> None:
-        super().__init__()
-        leaves = list(leaves)
-        self.leaf_names = {x for x in leaves if isinstance(x, str)}
-        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
-        self.module_stack_names: list[str] = []
-
-    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
-            return True
-        if has_own_forward(m):
-            return False  # a Conv/Linear subclass with its own forward: trace how it reads its weight
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        self.module_stack_names.append(self.path_of_module(m))
-        result = super().call_module(m, forward, args, kwargs)
-        self.module_stack_names.pop()
-        return result
-
-
-def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
-          concrete_args: dict[str, Any] | None = None, fallback: bool = True) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` into a GraphModule that shares its modules.
-
-    When a submodule cannot be traced (data-dependent control flow, say) and ``fallback`` is
-    True, it becomes a leaf module and tracing is retried; the layers inside such leaves are
-    compressed by module-level rewriting later.
-
-    Raises:
-        TraceError: naming the submodule and source line that could not be traced, when the
-            top-level forward fails or ``fallback`` is False.
-    """
-    leaves = list(leaf_modules)
-    while True:
-        tracer = _Tracer(leaves)
-        try:
-            graph = tracer.trace(model, concrete_args)
-            break
-        except Exception as err:  # any tracing failure is handled the same way
-            where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
-            if not fallback or not where or where in leaves:
-                raise TraceError(_trace_message(model, where, err)) from err
-            log.info("torch.fx cannot trace %r (%s); retrying with it as a leaf module", where, err)
-            leaves.append(where)
-    _resolve_string_annotations(graph, model)
-    return _with_module_tree(tracer.root, graph, model.__class__.__name__)
-
-
-def _with_module_tree(root: torch.nn.Module, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
-    """A GraphModule running ``graph`` that shares ``root``'s whole module tree.
-
-    ``GraphModule(root, graph)`` copies only what the graph names and replaces the modules on the
-    way with bare ``nn.Module``s: a layer whose weight is read functionally would lose its type
-    (and so its plan), and an unused layer would vanish from the plan and the state dict.
-    """
-    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph(), name)
-    for table in ("_modules", "_parameters", "_buffers"):
-        getattr(gm, table).update(getattr(root, table))
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            try:
-                gm.get_submodule(node.target) if node.op == "call_module" else _fetch(gm, node.target)
-            except AttributeError:  # a plain tensor attribute of the root: copied as GraphModule would
-                torch.fx.graph_module._copy_attr(root, gm, node.target)
-    gm.graph = graph
-    gm.recompile()
-    return gm.train(root.training)
-
-
-def _fetch(gm: torch.nn.Module, target: str) -> Any:
-    owner, _, attr = target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    if not hasattr(module, attr):
-        raise AttributeError(target)
-    return getattr(module, attr)
-
-
-def _resolve_string_annotations(graph: torch.fx.Graph, model: torch.nn.Module) -> None:
-    """Evaluate ``from __future__ import annotations`` strings on inputs/outputs.
-
-    fx would print them as unknown names (``x: _torch_Tensor_``), which TorchScript rejects.
-    """
-    scope = getattr(type(model).forward, "__globals__", {})
-    for node in graph.nodes:
-        if isinstance(node.type, str):
-            try:
-                node.type = eval(node.type, dict(scope))  # the user's own annotation, in its own module
-            except Exception:  # an annotation that cannot be evaluated is dropped, not fatal
-                node.type = None
-
-
-def _trace_message(model: torch.nn.Module, where: str, err: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
-    line = ""
-    if frames:
-        f = frames[-1]
-        code = (f.line or linecache.getline(f.filename, f.lineno)).strip()
-        line = f" at {f.filename}:{f.lineno} ({code})"
-    module = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else "the top-level forward"
-    leaf = f"leaf_modules=['{where}']" if where else "leaf_modules=[...]"
-    return (f"torch.fx could not trace {module}{line}: {type(err).__name__}: {err}. "
-            f"Fix: pass compress(..., {leaf}) to keep that module opaque, or concrete_args={{...}} to fix "
-            "the argument its control flow depends on")
-
-
 def _regraph(source: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule over a copy of ``source``'s graph that shares its whole module tree
     (recompiling ``source`` itself would change the class it shares with the user's model)."""
-    return _with_module_tree(source, copy.deepcopy(source.graph), source.__class__.__name__)
+    return with_module_tree(source, copy.deepcopy(source.graph), source.__class__.__name__)
 
 
 def _record_plans(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> None:
