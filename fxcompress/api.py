@@ -122,8 +122,14 @@ def select(model: torch.nn.Module, config_list: Any, *, strict: bool = True) -> 
 
 def layer_infos(model: torch.nn.Module) -> list[LayerInfo]:
     """Every module of ``model`` as matching sees it, in ``named_modules`` order."""
-    return [LayerInfo(name, type_names_of(m), any(True for _ in m.children()), compressible_base(m) is not None)
-            for name, m in model.named_modules() if name]
+    infos = []
+    for name, m in model.named_modules():
+        if name:
+            infos.append(LayerInfo(name, type_names_of(m), any(True for _ in m.children()),
+                                   compressible_base(m) is not None))
+        if isinstance(m, torch.nn.MultiheadAttention):  # its packed in-projection is a layer (SPEC §2.6)
+            infos.append(LayerInfo(f"{name}.in_proj" if name else "in_proj", ("Linear",), False, True))
+    return infos
 
 
 def _regraph(source: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -53,13 +53,23 @@ class CompressedLayer(nn.Module):
         self.register_buffer("step", step, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self, "step"):
-            # the model's counter already counted this forward when a leaf runs: step back one
-            done = self.step - int(self.training and self.counts_forwards)
-        else:
-            done = torch.zeros((), dtype=torch.int64)
+        done = self.done_steps()
         if hasattr(self, "input_quantizer"):
             x = self.input_quantizer(x, done)
+        weight, bias = self.compressed_params(done)
+        y = self._op(x, weight, bias)
+        if hasattr(self, "output_quantizer"):
+            y = self.output_quantizer(y, done)
+        return y
+
+    def done_steps(self) -> Tensor:
+        """Training steps completed before this forward (the model's counter already counted it)."""
+        if hasattr(self, "step"):
+            return self.step - int(self.training and self.counts_forwards)
+        return torch.zeros((), dtype=torch.int64)
+
+    def compressed_params(self, done: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias as the forward uses them: masked, then the weight fake-quantized."""
         weight, bias = self.weight, self.bias
         if hasattr(self, "weight_mask"):
             weight = masked_weight(weight, self.weight_mask)
@@ -67,10 +77,7 @@ class CompressedLayer(nn.Module):
                 bias = masked_bias(bias, self.bias_mask)
         if hasattr(self, "weight_quantizer"):
             weight = self.weight_quantizer(weight, done)
-        y = self._op(x, weight, bias)
-        if hasattr(self, "output_quantizer"):
-            y = self.output_quantizer(y, done)
-        return y
+        return weight, bias
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.conv_dims == 0:

@@ -125,10 +125,10 @@ def check_traced(subs: Sequence[SubConfig], plans: Mapping[str, Any], strict: bo
         if plan.blocked is not None and (plan.prune is not None or plan.quant is not None):
             problems.append(f"layer {name!r} is selected but cannot be compressed: {plan.blocked}. Exclude it "
                             f"({{'op_names': [{name!r}], 'exclude': True}}) or pass strict=False to leave it as is")
-        if plan.compressed and plan.quant is not None and plan.quant.input is not None:
-            problems += [f"layer {name!r}: input quantization cannot reach {where}; its weight is "
-                         "quantized there without input/output quantizers. Fix: call the layer as a module "
-                         "or drop 'input' from its quant_types" for where in plan.unreachable]
+        if plan.compressed and plan.quant is not None:
+            problems += [f"layer {name!r}: activation quantization cannot reach {where}; its weight is "
+                         "quantized there without those activation quantizers. Fix: call the layer as a module "
+                         "or drop the activation from its quant_types" for where in plan.unreachable]
     report_problems(problems, strict)
 
 

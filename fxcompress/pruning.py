@@ -12,6 +12,7 @@ import torch
 import torch.nn.utils.prune
 
 from fxcompress.annotations import LayerPlan
+from fxcompress.attention import resolve_layer
 from fxcompress.errors import ConfigError
 from fxcompress.sparsity import global_masks, layer_mask
 
@@ -29,7 +30,7 @@ def tied_layers(gm: torch.nn.Module, names: list[str]) -> dict[str, list[str]]:
     """Layer name -> the layers in ``names`` that hold the same weight tensor (itself first), for tied ones."""
     by_weight: dict[int, list[str]] = {}
     for name in names:
-        by_weight.setdefault(id(gm.get_submodule(name).weight), []).append(name)
+        by_weight.setdefault(id(resolve_layer(gm, name).weight), []).append(name)
     return {n: group for group in by_weight.values() if len(group) > 1 for n in group}
 
 
@@ -61,7 +62,7 @@ def check_unclaimed(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], previou
     for name, plan in plans.items():
         if not plan.compressed:
             continue
-        layer = gm.get_submodule(name)
+        layer = resolve_layer(gm, name)
         if torch.nn.utils.prune.is_pruned(layer):
             raise ConfigError(f"layer {name!r} was pruned with torch.nn.utils.prune (it has weight_orig/weight_mask "
                               "and a forward pre-hook); make that pruning permanent with "
@@ -91,7 +92,7 @@ def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction:
     groups: dict[int, dict[str, torch.Tensor]] = {}
     for name in owners:
         plan = plans[name]
-        weight = effective_weight(gm.get_submodule(name))
+        weight = effective_weight(resolve_layer(gm, name))
         if plan.prune.total_sparsity is not None:
             groups.setdefault(plan.config_index, {})[name] = weight
         else:
@@ -115,7 +116,7 @@ def install_masks(gm: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> Non
     """
     shared: dict[int, dict[str, torch.Tensor]] = {}
     for name, mask in masks.items():
-        layer = gm.get_submodule(name)
+        layer = resolve_layer(gm, name)
         key = id(layer.weight)
         if key not in shared:
             dtype, device = layer.weight.dtype, layer.weight.device
@@ -146,7 +147,7 @@ def zero_pruned(gm: torch.nn.Module, names: list[str]) -> None:
             if param is not None:
                 holders.setdefault(id(param), set()).add(owner)
     for name in names:
-        layer = gm.get_submodule(name)
+        layer = resolve_layer(gm, name)
         for param in ("weight", "bias"):
             tensor, mask = getattr(layer, param), getattr(layer, f"{param}_mask", None)
             if tensor is not None and mask is not None and holders.get(id(tensor), set()) <= set(names):

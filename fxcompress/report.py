@@ -10,7 +10,8 @@ import torch
 import torch.fx
 
 from fxcompress.annotations import LayerPlan, plans_of
-from fxcompress.config import QuantSetting
+from fxcompress.attention import resolve_layer
+from fxcompress.settings import QuantSetting
 
 __all__ = ["LayerRow", "calibration", "report", "summary"]
 
@@ -44,24 +45,42 @@ def report(gm: torch.fx.GraphModule) -> list[LayerRow]:
 
 
 def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
-    layer = gm.get_submodule(plan.name)
-    params = layer.weight.numel()
-    mask = getattr(layer, "weight_mask", None)
+    layer = _module_or_none(gm, plan.name) if plan.used else None
+    params = 0 if layer is None else layer.weight.numel()
+    mask = getattr(layer, "weight_mask", None) if plan.compressed and plan.prune is not None else None
     pruned = None if mask is None else int(params - int(mask.sum()))
     q = plan.quant
     quant = "" if q is None else ", ".join(_quant_text(t, getattr(q, t)) for t in q.types)
     ranges = []
     for kind in ("input", "output"):
-        quantizer = getattr(layer, f"{kind}_quantizer", None)
+        quantizer = getattr(layer, f"{kind}_quantizer", None) if plan.compressed else None
         if quantizer is not None and bool(quantizer.initialized):
             ranges.append(f"{kind} [{float(quantizer.tracked_min):.4g}, {float(quantizer.tracked_max):.4g}]")
         elif quantizer is not None:
             ranges.append(f"{kind} not observed")
-    site = "graph" if plan.leaf is None else f"in leaf {plan.leaf}"
+    site = _site(plan)
     return LayerRow(name=plan.name, type_name=plan.type_name, site=site, params=params, config_index=plan.config_index,
                     overridden=plan.overridden, excluded=plan.excluded, target=_target(plan),
                     achieved_sparsity=None if pruned is None else pruned / params, pruned=pruned, quant=quant,
                     start_step=None if q is None else q.start_step, ranges="; ".join(ranges))
+
+
+def _module_or_none(gm: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return resolve_layer(gm, name)
+    except AttributeError:  # a layer the forward never uses is not kept in the traced module
+        return None
+
+
+def _site(plan: LayerPlan) -> str:
+    if not plan.used:
+        return "unused"
+    if plan.blocked is not None:
+        return "not compressed (see plan.blocked)"
+    site = "graph" if plan.leaf is None else f"in leaf {plan.leaf}"
+    if plan.unreachable and plan.quant is not None and plan.quant.input is not None:
+        site += f" (weight only at {len(plan.unreachable)} read(s))"
+    return site
 
 
 def _quant_text(kind: str, s: QuantSetting) -> str:

@@ -16,6 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcompress.annotations import META_KEY, LayerPlan, LeafPlan, get_plan, layer_plans, set_plan
+from fxcompress.attention import layers_inside
 from fxcompress.errors import ConfigError
 from fxcompress.layer_types import compressible_base, has_own_forward, type_name_of, type_names_of
 from fxcompress.matching import resolve
@@ -24,9 +25,6 @@ from fxcompress.settings import SubConfig
 __all__ = ["COMPUTE_OPS", "annotate_layers", "layer_input", "layer_weight", "plan_for", "unused_plans"]
 
 COMPUTE_OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
-# torch modules whose forward reads their sublayers' weights directly, bypassing the sublayers' calls
-_FUSED_READERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
-                  torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
 # ops a read may pass through on its way to a compute op and still count as the layer's weight
 _TRANSPARENT_METHODS = ("to", "contiguous", "float", "half", "bfloat16", "type_as")
 
@@ -89,9 +87,9 @@ def _node_plan(gm: torch.fx.GraphModule, node: torch.fx.Node, subs: Sequence[Sub
         if compressible_base(module) is not None:
             return _checked(_merged(previous.get(node.target), plan_for(subs, node.target, module)), module)
         inner = ((_merged(previous.get(f"{node.target}.{name}"),
-                          plan_for(subs, f"{node.target}.{name}", m, leaf=node.target)), m, name)
-                 for name, m in module.named_modules() if name and compressible_base(m) is not None)
-        layers = tuple(_blocked_inside(_checked(p, m), module, name) for p, m, name in inner if p is not None)
+                          plan_for(subs, f"{node.target}.{name}", m, leaf=node.target)), m, why, in_proj)
+                 for name, m, why, in_proj in layers_inside(module))
+        layers = tuple(_inside_plan(p, m, why, in_proj) for p, m, why, in_proj in inner if p is not None)
         return LeafPlan(node.target, layers) if layers else None
     if node.op == "get_attr":
         owner, _, attr = node.target.rpartition(".")
@@ -118,16 +116,15 @@ def _checked(plan: LayerPlan | None, module: torch.nn.Module) -> LayerPlan | Non
     return plan
 
 
-def _blocked_inside(plan: LayerPlan, leaf: torch.nn.Module, path: str) -> LayerPlan:
-    """A layer that torch's attention/transformer modules read directly (not as a module call) is blocked."""
-    parts = path.split(".")
-    owners = [leaf] + [leaf.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-    reader = next((m for m in reversed(owners) if isinstance(m, _FUSED_READERS)), None)
-    if reader is None:
-        return plan
-    reason = (f"{type(reader).__name__} reads its weight directly (fused attention kernels), "
-              "not through a module call, so a mask or quantizer would be bypassed")
-    return LayerPlan(**{**plan.__dict__, "blocked": reason})
+def _inside_plan(plan: LayerPlan, module: torch.nn.Module, why: str | None, in_proj: bool) -> LayerPlan:
+    """A layer inside a leaf: blocked with a reason, or an attention in-projection whose outputs
+    (q, k, v) exist only inside F.multi_head_attention_forward."""
+    if why is not None:
+        return LayerPlan(**{**plan.__dict__, "blocked": why})
+    if in_proj and plan.quant is not None and plan.quant.output is not None:
+        note = "the output of the attention in-projection (q, k, v inside F.multi_head_attention_forward)"
+        return LayerPlan(**{**plan.__dict__, "unreachable": (*plan.unreachable, note)})
+    return _checked(plan, module)
 
 
 def _module_or_none(gm: torch.nn.Module, name: str) -> torch.nn.Module | None:

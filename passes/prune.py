@@ -6,6 +6,7 @@ import torch
 import torch.fx
 
 from fxcompress.annotations import LayerPlan, NodeRole, get_plan, get_role, layer_plans, set_role
+from fxcompress.attention import resolve_layer
 from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.pruning import compute_masks, install_masks
 
@@ -25,7 +26,7 @@ def pending_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, 
         ConfigError: unreachable caps, or an N:M pattern that does not fit a layer.
     """
     plans = {n: p for n, p in layer_plans(gm.graph).items()
-             if p.prune is not None and p.compressed and "weight_mask" not in gm.get_submodule(n)._buffers}
+             if p.prune is not None and p.compressed and "weight_mask" not in resolve_layer(gm, n)._buffers}
     masks = compute_masks(gm, plans, 1.0)  # the final target must be reachable (SPEC §3), whatever fraction
     return masks if fraction >= 1.0 else compute_masks(gm, plans, fraction)
 

@@ -6,6 +6,7 @@ import torch
 import torch.fx
 
 from fxcompress.annotations import STEP_COUNTER, LayerPlan, NodeRole, get_plan, get_role, layer_plans, set_role
+from fxcompress.attention import CompressedAttention
 from fxcompress.layers import CompressedLayer
 from fxcompress.passes.annotate import layer_weight
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
@@ -37,13 +38,14 @@ def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> tor
 
 def _insert_quantizers(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> None:
     for name, plan in plans.items():
-        _add_quantizers(gm.get_submodule(name), plan)
+        owner = gm.get_submodule(name.rpartition(".")[0]) if "." in name else gm
+        _add_quantizers(gm.get_submodule(name), plan, isinstance(owner, CompressedAttention)
+                        and owner.in_proj is gm.get_submodule(name))
     step = _step_node(gm)
     counter = gm.get_submodule(STEP_COUNTER)
-    for name in plans:
-        layer = gm.get_submodule(name)
-        if isinstance(layer, CompressedLayer) and not hasattr(layer, "step"):
-            layer.attach_step(counter.step)  # layers inside leaf modules read the shared counter
+    for module in gm.modules():
+        if isinstance(module, CompressedLayer) and not hasattr(module, "step"):
+            module.attach_step(counter.step)  # layers inside leaf modules read the shared counter
     for node in list(gm.graph.nodes):
         plan = get_plan(node)
         if plan is None or plan.quant is None or not plan.compressed:
@@ -57,11 +59,13 @@ def _insert_quantizers(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) ->
                 _quantize_output(gm.graph, node, plan.name, step)
 
 
-def _add_quantizers(layer: torch.nn.Module, plan: LayerPlan) -> None:
+def _add_quantizers(layer: torch.nn.Module, plan: LayerPlan, attention_in_proj: bool) -> None:
     quant = plan.quant
-    for kind, cls in (("input", ActivationQuantizer), ("weight", WeightQuantizer),
-                      ("output", ActivationQuantizer)):
-        setting = getattr(quant, kind)
+    kinds = [("input", ActivationQuantizer), ("weight", WeightQuantizer), ("output", ActivationQuantizer)]
+    if attention_in_proj and quant.input is not None:  # cross-attention: key and value are inputs of their own
+        kinds += [("key_input", ActivationQuantizer), ("value_input", ActivationQuantizer)]
+    for kind, cls in kinds:
+        setting = getattr(quant, kind.rpartition("_")[2] if kind.endswith("_input") else kind)
         if setting is not None and not isinstance(getattr(layer, f"{kind}_quantizer", None), cls):
             quantizer = cls(setting, quant.start_step, layer.weight.device).train(layer.training)
             layer.add_module(f"{kind}_quantizer", quantizer)

@@ -41,8 +41,11 @@ def test_annotate_real_model(name: str) -> None:
     modules = dict(model.named_modules())
     # SPEC §2.1: subclasses count (torchvision's attention out_proj is a NonDynamicallyQuantizableLinear)
     matching = {n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    leaves = {t for t in calls if t not in matching and any(n.startswith(f"{t}.") for n in matching)}
+    leaves = {t for t in calls if t not in matching and (any(n.startswith(f"{t}.") for n in matching)
+                                                         or isinstance(modules[t], nn.MultiheadAttention))}
     inside = {n for n in matching if any(n.startswith(f"{t}.") for t in leaves)}
+    # SPEC §2.6: an nn.MultiheadAttention (always a leaf) is two layers, in_proj and out_proj
+    inside |= {f"{n}.in_proj" for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     annotated = [n for n in gm.graph.nodes if META_KEY in n.meta]
     # every call of every matching module, and every leaf call holding one, is annotated; nothing else is
     assert len(annotated) == sum(calls[n] for n in (matching & set(calls)) | leaves)

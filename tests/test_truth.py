@@ -175,10 +175,10 @@ class OpaqueRead(nn.Module):
 
 def test_unreachable_input_is_an_error_under_strict_and_weight_only_otherwise() -> None:
     cfg = [{"op_types": ["Linear"], "quant_types": ["input", "weight"], "quant_bits": 4}]
-    with pytest.raises(ConfigError, match=r"layer 'qkv': input quantization cannot reach the read of qkv.weight by "
+    with pytest.raises(ConfigError, match=r"layer 'qkv': activation quantization cannot reach the read of qkv.weight by "
                                           r"opaque_matmul"):
         fxcompress.compress(OpaqueRead(), cfg)
-    with pytest.warns(UserWarning, match=r"layer 'qkv': input quantization cannot reach"):
+    with pytest.warns(UserWarning, match=r"layer 'qkv': activation quantization cannot reach"):
         gm = fxcompress.compress(OpaqueRead(), cfg, strict=False)
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert "qkv.weight_quantizer" in calls and "qkv.input_quantizer" not in calls
@@ -190,16 +190,94 @@ def test_unreachable_input_is_an_error_under_strict_and_weight_only_otherwise() 
     torch.testing.assert_close(gm.eval()(x), ref)
 
 
-def test_attention_layers_read_directly_are_reported_not_bypassed() -> None:
-    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
-    with pytest.raises(ConfigError, match=r"layer '1.self_attn.out_proj' is selected but cannot be compressed: "
-                                          r"MultiheadAttention reads its weight directly"):
-        fxcompress.compress(model, PRUNE)
-    with pytest.warns(UserWarning):
-        gm = fxcompress.compress(model, PRUNE, strict=False)
-    sites = {r.name: r.site for r in fxcompress.report(gm)}
-    assert sites["0"] == "graph" and sites["1.linear1"].startswith("not compressed")
-    assert sorted(fxcompress.masks(gm)) == ["0"]
+def attention_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """The original model with each mask multiplied into the weight it names, by hand: an attention's
+    ``<a>.in_proj`` mask goes into ``<a>.in_proj_weight`` and its bias rows with whole rows."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            owner, _, part = name.rpartition(".")
+            if part == "in_proj":
+                attention = ref.get_submodule(owner)
+                weight, bias = attention.in_proj_weight, attention.in_proj_bias
+            else:
+                layer = ref.get_submodule(name)
+                weight, bias = layer.weight, layer.bias
+            weight.mul_(mask)
+            for row in range(mask.shape[0]):
+                if bias is not None and not bool(mask[row].any()):
+                    bias[row] = 0.0
+    return ref
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transformer_encoder_layer_is_compressed_in_both_modes(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+    gm = fxcompress.compress(model, PRUNE)
+    masks = fxcompress.masks(gm)
+    assert sorted(masks) == ["0", "1.linear1", "1.linear2", "1.self_attn.in_proj", "1.self_attn.out_proj"]
+    assert int((~masks["1.self_attn.in_proj"]).sum()) == 96  # floor(0.5 * 24 * 8)
+    x = torch.randn(3, 5, 8)
+    reference = attention_reference(model, masks).train(mode == "train")
+    gm.train(mode == "train")
+    with torch.no_grad():  # eval under no_grad is where torch's fused fast path would read raw weights
+        torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(gm(x), model.train(mode == "train")(x), atol=1e-3)
+
+
+def test_attention_loads_a_plain_state_dict_and_composes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+    dense = copy.deepcopy(model)
+    torch.nn.init.normal_(dense[0].self_attn.in_proj_weight)
+    gm = fxcompress.compress(model, PRUNE)
+    assert "0.self_attn.in_proj.weight" in gm.state_dict() and "0.self_attn.in_proj_weight" not in gm.state_dict()
+    gm.load_state_dict(dense.state_dict(), strict=False)  # nn.MultiheadAttention's own key names
+    masks = fxcompress.masks(gm)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(gm.eval()(x), attention_reference(dense, masks).eval()(x), rtol=1e-5, atol=1e-5)
+    both = fxcompress.compress(gm, [{"op_types": ["Linear"], "quant_types": ["input", "weight"], "quant_bits": 8}])
+    assert [r.quant != "" and r.pruned is not None for r in fxcompress.report(both)] == [True] * 4
+
+
+def test_attention_quantizes_each_distinct_input() -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return self.attn(q, kv, kv)[0] + self.attn(q, q, q)[0]
+
+    gm = fxcompress.compress(Cross(), [{"op_types": ["Linear"], "quant_types": ["input", "weight"],
+                                        "quant_bits": 8}])
+    q, kv = torch.randn(2, 3, 8), 5 + torch.randn(2, 4, 8)
+    gm(q, kv)
+    in_proj = gm.attn.in_proj
+    # query quantizer saw q (twice), the key quantizer saw kv; value is key here, so it saw nothing
+    assert float(in_proj.input_quantizer.tracked_max) < 5 < float(in_proj.key_input_quantizer.tracked_max)
+    assert float(in_proj.value_input_quantizer.initialized) == 0.0
+    assert float(gm.attn.out_proj.input_quantizer.initialized) == 1.0
+    assert fxcompress.calibration(gm)["attn.in_proj"]["input_bits"] == 8
+
+
+def test_attention_in_projection_output_cannot_be_quantized() -> None:
+    cfg = [{"op_types": ["Linear"], "quant_types": ["input", "weight", "output"], "quant_bits": 8}]
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x)[0]
+
+    del model
+    with pytest.raises(ConfigError, match=r"layer 'attn.in_proj': activation quantization cannot reach the output "
+                                          r"of the attention in-projection"):
+        fxcompress.compress(Wrap(), cfg)
 
 
 # -- 4. silent no-ops -----------------------------------------------------------------------
