@@ -77,6 +77,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
             for mode in (True, False):
                 model.train(mode)
                 graphs[mode], root = _trace_with_fallback(model, leaves, concrete_args, fallback)
+            _lift_mode_flags(graphs[True], graphs[False])
             where = _mode_dependent_module(graphs[True], graphs[False])
             if where is None:
                 break
@@ -105,6 +106,27 @@ def _trace_with_fallback(model: torch.nn.Module, leaves: list[LeafSpec], concret
                 raise TraceError(_trace_message(model, where, err)) from err
             log.info("torch.fx cannot trace %r (%s); retrying with it as a leaf module", where, err)
             leaves.append(where)
+
+
+def _lift_mode_flags(train: torch.fx.Graph, evaluation: torch.fx.Graph) -> None:
+    """Where the graphs differ only in a bool argument that is True in train mode and False in eval
+    (``F.dropout(x, p, self.training)``, torchvision Swin's ``training=self.training``), make both
+    read the owning module's ``training`` flag at run time instead: no leaf is needed for that."""
+    for x, y in zip(list(train.nodes), list(evaluation.nodes), strict=False):
+        if (x.op, x.target, len(x.args), sorted(x.kwargs)) != (y.op, y.target, len(y.args), sorted(y.kwargs)):
+            return  # a structural difference: left to _mode_dependent_module
+        positions = [i for i, (u, v) in enumerate(zip(x.args, y.args, strict=True)) if u is True and v is False]
+        names = [k for k in x.kwargs if x.kwargs[k] is True and y.kwargs[k] is False]
+        if not positions and not names:
+            continue
+        owner = _owner(x)
+        for graph, node in ((train, x), (evaluation, y)):
+            with graph.inserting_before(node):
+                flag = graph.get_attr(f"{owner}.training" if owner else "training")
+            for i in positions:
+                node.update_arg(i, flag)
+            for k in names:
+                node.update_kwarg(k, flag)
 
 
 def _mode_dependent_module(train: torch.fx.Graph, evaluation: torch.fx.Graph) -> str | None:

@@ -9,6 +9,8 @@ function fx does not enter) is recorded in the plan as unreachable for input qua
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -89,7 +91,8 @@ def _node_plan(gm: torch.fx.GraphModule, node: torch.fx.Node, subs: Sequence[Sub
         inner = ((_merged(previous.get(f"{node.target}.{name}"),
                           plan_for(subs, f"{node.target}.{name}", m, leaf=node.target)), m, why, in_proj)
                  for name, m, why, in_proj in layers_inside(module))
-        layers = tuple(_inside_plan(p, m, why, in_proj) for p, m, why, in_proj in inner if p is not None)
+        layers = tuple(_inside_plan(p, m, why or _read_by_parent(module, p.name[len(node.target) + 1:]), in_proj)
+                       for p, m, why, in_proj in inner if p is not None)
         return LeafPlan(node.target, layers) if layers else None
     if node.op == "get_attr":
         owner, _, attr = node.target.rpartition(".")
@@ -114,6 +117,23 @@ def _checked(plan: LayerPlan | None, module: torch.nn.Module) -> LayerPlan | Non
             "fxcompress cannot see how it reads its weight; remove it (or its parent) from leaf_modules, or "
             f"exclude it: {{'op_names': [{plan.name!r}], 'exclude': True}}")
     return plan
+
+
+def _read_by_parent(leaf: torch.nn.Module, path: str) -> str | None:
+    """Why a layer inside a leaf cannot be compressed at module level: its parent's forward reads
+    ``self.<layer>.weight`` directly (found in the source), which a swapped-in module cannot intercept."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = leaf.get_submodule(parent_path) if parent_path else leaf
+    if isinstance(parent, torch.nn.MultiheadAttention) or attr == "in_proj":
+        return None  # handled by CompressedAttention
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return None
+    if re.search(rf"\w\.{re.escape(attr)}\.(weight|bias)\b", source):
+        return (f"{type(parent).__name__}.forward reads self.{attr}.weight directly and the module runs as a leaf "
+                "(fx could not trace it in both modes alike), so a module-level mask or quantizer would be bypassed")
+    return None
 
 
 def _inside_plan(plan: LayerPlan, module: torch.nn.Module, why: str | None, in_proj: bool) -> LayerPlan:

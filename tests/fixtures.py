@@ -15,20 +15,26 @@ __all__ = ["CalledTwice", "Nested", "SeedModel", "TwoLayers", "masked_reference"
 
 def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """The original model with the masks multiplied into its weights (and filters' biases) by hand:
-    the independent reference every pruning numerics test compares against."""
+    the independent reference every pruning numerics test compares against. An attention's
+    ``<a>.in_proj`` mask goes into ``<a>.in_proj_weight`` / ``in_proj_bias`` (SPEC §2.6)."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, mask in masks.items():
-            layer = ref.get_submodule(name)
-            layer.weight.mul_(mask)
-            if layer.bias is None:
+            owner, _, part = name.rpartition(".")
+            if part == "in_proj" and isinstance(ref.get_submodule(owner), nn.MultiheadAttention):
+                attention = ref.get_submodule(owner)
+                weight, bias = attention.in_proj_weight, attention.in_proj_bias
+            else:
+                weight, bias = ref.get_submodule(name).weight, ref.get_submodule(name).bias
+            weight.mul_(mask)
+            if bias is None:
                 continue
             # An independent transcription of SPEC.md §4 ("a bias entry is masked when the whole
             # output row/filter it belongs to is masked"), written filter by filter on purpose: it
             # must not share an expression with passes/prune.py, or a wrong rule would pass both.
-            for i in range(layer.weight.shape[0]):
+            for i in range(weight.shape[0]):
                 if not mask[i].any():
-                    layer.bias[i] = 0.0
+                    bias[i] = 0.0
     return ref
 
 

@@ -123,3 +123,25 @@ def test_submodule_modes_are_restored_after_tracing() -> None:
     model.blocks[0].bn.eval()  # a frozen BatchNorm inside a training model
     fxcompress.compress(model, ONES, inplace=True)
     assert model.training and not model.blocks[0].bn.training and model.blocks[1].bn.training
+
+
+def test_a_mode_flag_passed_as_an_argument_is_read_at_run_time() -> None:
+    class FunctionalDropout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(self.fc(x), 0.5, self.training)  # as timm and torchvision's Swin write it
+
+    model = FunctionalDropout()
+    gm = fxcompress.compress(model, ONES, start_dense=True)
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("training")] == ["training"]
+    assert fxcompress.report(gm)[0].site == "graph"  # no leaf was needed
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(gm.eval()(x), model.eval()(x))
+    torch.manual_seed(0)
+    got = gm.train()(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, model.train()(x))
+    assert int((got == 0).sum()) > 0  # dropout really ran in train mode

@@ -190,26 +190,6 @@ def test_unreachable_input_is_an_error_under_strict_and_weight_only_otherwise() 
     torch.testing.assert_close(gm.eval()(x), ref)
 
 
-def attention_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """The original model with each mask multiplied into the weight it names, by hand: an attention's
-    ``<a>.in_proj`` mask goes into ``<a>.in_proj_weight`` and its bias rows with whole rows."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mask in masks.items():
-            owner, _, part = name.rpartition(".")
-            if part == "in_proj":
-                attention = ref.get_submodule(owner)
-                weight, bias = attention.in_proj_weight, attention.in_proj_bias
-            else:
-                layer = ref.get_submodule(name)
-                weight, bias = layer.weight, layer.bias
-            weight.mul_(mask)
-            for row in range(mask.shape[0]):
-                if bias is not None and not bool(mask[row].any()):
-                    bias[row] = 0.0
-    return ref
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_transformer_encoder_layer_is_compressed_in_both_modes(mode: str) -> None:
     torch.manual_seed(0)
@@ -219,7 +199,7 @@ def test_transformer_encoder_layer_is_compressed_in_both_modes(mode: str) -> Non
     assert sorted(masks) == ["0", "1.linear1", "1.linear2", "1.self_attn.in_proj", "1.self_attn.out_proj"]
     assert int((~masks["1.self_attn.in_proj"]).sum()) == 96  # floor(0.5 * 24 * 8)
     x = torch.randn(3, 5, 8)
-    reference = attention_reference(model, masks).train(mode == "train")
+    reference = masked_reference(model, masks).train(mode == "train")
     gm.train(mode == "train")
     with torch.no_grad():  # eval under no_grad is where torch's fused fast path would read raw weights
         torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
@@ -236,7 +216,7 @@ def test_attention_loads_a_plain_state_dict_and_composes() -> None:
     gm.load_state_dict(dense.state_dict(), strict=False)  # nn.MultiheadAttention's own key names
     masks = fxcompress.masks(gm)
     x = torch.randn(2, 5, 8)
-    torch.testing.assert_close(gm.eval()(x), attention_reference(dense, masks).eval()(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gm.eval()(x), masked_reference(dense, masks).eval()(x), rtol=1e-5, atol=1e-5)
     both = fxcompress.compress(gm, [{"op_types": ["Linear"], "quant_types": ["input", "weight"], "quant_bits": 8}])
     assert [r.quant != "" and r.pruned is not None for r in fxcompress.report(both)] == [True] * 4
 
@@ -470,3 +450,26 @@ def test_effective_forward_equals_hand_built_reference(widths: list[int], data: 
                                          "quant_bits": 8}])
         both(x)  # observe one batch
         check(both, quantized)
+
+
+class ReadsChildWeight(nn.Module):
+    """fx cannot trace it (a data-dependent branch), and its forward reads its child's weight directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return F.linear(x, self.fc.weight, self.fc.bias)
+        return self.fc(x)
+
+
+def test_leaf_reading_a_child_weight_directly_is_reported() -> None:
+    model = nn.Sequential(ReadsChildWeight(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"layer '0.fc' is selected but cannot be compressed: ReadsChildWeight."
+                                          r"forward reads self.fc.weight directly"):
+        fxcompress.compress(model, PRUNE)
+    with pytest.warns(UserWarning, match=r"'0.fc' is selected but cannot be compressed"):
+        gm = fxcompress.compress(model, PRUNE, strict=False)
+    assert sorted(fxcompress.masks(gm)) == ["1"]
