@@ -27,6 +27,7 @@ from fxcompress.settings import SubConfig
 __all__ = ["COMPUTE_OPS", "annotate_layers", "layer_input", "layer_weight", "plan_for", "unused_plans"]
 
 COMPUTE_OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+_ATTENTION_OWNERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
 # ops a read may pass through on its way to a compute op and still count as the layer's weight
 _TRANSPARENT_METHODS = ("to", "contiguous", "float", "half", "bfloat16", "type_as")
 
@@ -124,8 +125,10 @@ def _read_by_parent(leaf: torch.nn.Module, path: str) -> str | None:
     ``self.<layer>.weight`` directly (found in the source), which a swapped-in module cannot intercept."""
     parent_path, _, attr = path.rpartition(".")
     parent = leaf.get_submodule(parent_path) if parent_path else leaf
-    if isinstance(parent, torch.nn.MultiheadAttention) or attr == "in_proj":
-        return None  # handled by CompressedAttention
+    if isinstance(parent, _ATTENTION_OWNERS) or attr == "in_proj":
+        # handled: CompressedAttention replaces the attention, and with it these layers' fused fast
+        # paths (the only place their forwards read a child's weight) are never taken
+        return None
     try:
         source = inspect.getsource(type(parent).forward)
     except (OSError, TypeError):
