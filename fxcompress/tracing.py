@@ -78,13 +78,14 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
                 model.train(mode)
                 graphs[mode], root = _trace_with_fallback(model, leaves, concrete_args, fallback)
             _lift_mode_flags(graphs[True], graphs[False])
-            where = _mode_dependent_module(graphs[True], graphs[False])
-            if where is None:
+            found = _mode_dependent_modules(graphs[True], graphs[False])
+            if not found:
                 break
-            if not fallback or not where or where in leaves:
-                raise TraceError(_mode_message(model, where))
-            log.info("%r computes differently in train and eval mode; keeping it as a leaf module", where)
-            leaves.append(where)
+            for where in found:
+                if not fallback or not where or where in leaves:
+                    raise TraceError(_mode_message(model, where))
+            log.info("%s compute differently in train and eval mode; keeping them as leaf modules", found)
+            leaves.extend(found)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -109,48 +110,86 @@ def _trace_with_fallback(model: torch.nn.Module, leaves: list[LeafSpec], concret
 
 
 def _lift_mode_flags(train: torch.fx.Graph, evaluation: torch.fx.Graph) -> None:
-    """Where the graphs differ only in a bool argument that is True in train mode and False in eval
-    (``F.dropout(x, p, self.training)``, torchvision Swin's ``training=self.training``), make both
-    read the owning module's ``training`` flag at run time instead: no leaf is needed for that."""
-    for x, y in zip(list(train.nodes), list(evaluation.nodes), strict=False):
-        if (x.op, x.target, len(x.args), sorted(x.kwargs)) != (y.op, y.target, len(y.args), sorted(y.kwargs)):
-            return  # a structural difference: left to _mode_dependent_module
-        positions = [i for i, (u, v) in enumerate(zip(x.args, y.args, strict=True)) if u is True and v is False]
-        names = [k for k in x.kwargs if x.kwargs[k] is True and y.kwargs[k] is False]
-        if not positions and not names:
-            continue
-        owner = _owner(x)
-        for graph, node in ((train, x), (evaluation, y)):
-            with graph.inserting_before(node):
-                flag = graph.get_attr(f"{owner}.training" if owner else "training")
-            for i in positions:
-                node.update_arg(i, flag)
-            for k in names:
-                node.update_kwarg(k, flag)
+    """Where a module's nodes differ only in a bool argument that is True in train mode and False in
+    eval (``F.dropout(x, p, self.training)``, torchvision Swin's ``training=self.training``), make both
+    graphs read the module's ``training`` flag at run time instead: no leaf is needed for that."""
+    a, b = _by_owner(train), _by_owner(evaluation)
+    for owner in a.keys() & b.keys():
+        xs, ys = a[owner], b[owner]
+        if [_shape(x) for x in xs] != [_shape(y) for y in ys]:
+            continue  # a structural difference: left to _mode_dependent_modules
+        for x, y in zip(xs, ys, strict=True):
+            positions = [i for i, (u, v) in enumerate(zip(x.args, y.args, strict=True)) if u is True and v is False]
+            names = [k for k in x.kwargs if x.kwargs[k] is True and y.kwargs[k] is False]
+            for graph, node in ((train, x), (evaluation, y)) if positions or names else ():
+                with graph.inserting_before(node):
+                    flag = graph.get_attr(f"{owner}.training" if owner else "training")
+                for i in positions:
+                    node.update_arg(i, flag)
+                for k in names:
+                    node.update_kwarg(k, flag)
 
 
-def _mode_dependent_module(train: torch.fx.Graph, evaluation: torch.fx.Graph) -> str | None:
-    """None when both graphs compute the same; else the deepest module whose own code differs
-    ("" for the top-level forward)."""
-    a, b = list(train.nodes), list(evaluation.nodes)
-    index_a, index_b = {n: i for i, n in enumerate(a)}, {n: i for i, n in enumerate(b)}
+def _mode_dependent_modules(train: torch.fx.Graph, evaluation: torch.fx.Graph) -> list[str]:
+    """The deepest modules whose own code differs between the graphs ("" is the top-level forward);
+    empty when both graphs compute the same. All of them at once, so one retrace handles a model
+    full of mode-dependent blocks."""
+    if _keys(train) == _keys(evaluation):
+        return []
+    a, b = _local_keys(train), _local_keys(evaluation)
+    differ = {o for o in a.keys() | b.keys() if a.get(o) != b.get(o)}
+    if not differ:  # only the wiring between modules differs: blame the first difference's owner
+        differ = {_first_difference(train, evaluation)}
+    return sorted(o for o in differ if not any(d != o and (o == "" or d.startswith(f"{o}.")) for d in differ))
+
+
+def _by_owner(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
+    out: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        out.setdefault(_owner(node), []).append(node)
+    return out
+
+
+def _shape(node: torch.fx.Node) -> tuple:
+    return node.op, _target(node), len(node.args), tuple(sorted(node.kwargs))
+
+
+def _target(node: torch.fx.Node) -> Any:
+    if node.op == "get_attr" and node.target.startswith("_tensor_constant"):
+        return "_tensor_constant"  # each trace numbers the constants it lifts afresh
+    return node.target
+
+
+def _keys(graph: torch.fx.Graph) -> list[tuple]:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return [_node_key(n, lambda v: ("node", index[v])) for n in graph.nodes]
+
+
+def _local_keys(graph: torch.fx.Graph) -> dict[str, list[tuple]]:
+    """Per owning module, its nodes' keys; a reference into another module names only that module,
+    so a child's change does not make its parent differ."""
+    groups = _by_owner(graph)
+    local = {n: (owner, i) for owner, nodes in groups.items() for i, n in enumerate(nodes)}
+    out = {}
+    for owner, nodes in groups.items():
+        refer = lambda v, o=owner: ("local", local[v][1]) if local[v][0] == o else ("from", local[v][0])  # noqa: E731
+        out[owner] = [_node_key(n, refer) for n in nodes]
+    return out
+
+
+def _first_difference(train: torch.fx.Graph, evaluation: torch.fx.Graph) -> str:
+    a, b, ka, kb = list(train.nodes), list(evaluation.nodes), _keys(train), _keys(evaluation)
     for i in range(max(len(a), len(b))):
-        x, y = (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
-        if x is not None and y is not None and _node_key(x, index_a) == _node_key(y, index_b):
-            continue
-        owners = [_owner(n) for n in (x, y) if n is not None]
-        return max(owners, key=lambda o: o.count(".") + bool(o))
-    return None
+        if i >= len(a) or i >= len(b) or ka[i] != kb[i]:
+            return max((_owner(n[i]) for n in (a, b) if i < len(n)), key=lambda o: o.count(".") + bool(o))
+    return ""
 
 
-def _node_key(node: torch.fx.Node, index: dict[torch.fx.Node, int]) -> tuple:
-    refer = lambda v: ("node", index[v]) if isinstance(v, torch.fx.Node) else v  # noqa: E731
-    args = torch.fx.node.map_aggregate(node.args, refer)
-    kwargs = torch.fx.node.map_aggregate(node.kwargs, refer)
-    target = node.target
-    if node.op == "get_attr" and target.startswith("_tensor_constant"):
-        target = "_tensor_constant"  # each trace numbers the constants it lifts afresh
-    return node.op, target, repr(args), repr(kwargs)
+def _node_key(node: torch.fx.Node, refer: Any) -> tuple:
+    wrap = lambda v: refer(v) if isinstance(v, torch.fx.Node) else v  # noqa: E731
+    args = torch.fx.node.map_aggregate(node.args, wrap)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, wrap)
+    return node.op, _target(node), repr(args), repr(kwargs)
 
 
 def _owner(node: torch.fx.Node) -> str:
