@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import linecache
 import logging
+import sys
 import traceback
 from collections.abc import Iterable
 from typing import Any
@@ -28,11 +29,24 @@ log = logging.getLogger(__name__)
 LeafSpec = str | type[torch.nn.Module]
 
 
+def _library_notrace_functions() -> tuple[Any, ...]:
+    """Helpers that model libraries already imported declare opaque to fx (timm's registry, and its
+    ``pad_same``, whose shape arithmetic fx cannot trace), so e.g. ``Conv2dSame`` traces as
+    ``pad_same`` + ``F.conv2d`` on a visible weight instead of failing into a leaf."""
+    if "timm" not in sys.modules:
+        return ()
+    try:
+        from timm.layers import _fx, padding
+    except ImportError:  # another timm layout: trace without its hints
+        return ()
+    return (*getattr(_fx, "_autowrap_functions", ()), padding.pad_same)
+
+
 class _Tracer(torch.fx.Tracer):
     """A tracer that also stops at user-given leaf modules and remembers where it is."""
 
     def __init__(self, leaves: Iterable[LeafSpec] = ()) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=_library_notrace_functions())
         # buffers become get_attr nodes: code such as ``self.num_batches_tracked.add_(1)`` is recorded,
         # not run on the real buffer while tracing
         self.proxy_buffer_attributes = True

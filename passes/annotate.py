@@ -194,14 +194,21 @@ def _record_reachability(gm: torch.fx.GraphModule) -> None:
 
 
 def _consumers(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The nodes that use a weight read, looking through casts such as ``.to(dtype)``."""
+    """The nodes that use a weight read's values, looking through casts such as ``.to(dtype)``;
+    reads of its metadata only (``weight.shape``, ``weight.size()``) do not count."""
     out = []
     for user in node.users:
         if user.op == "call_method" and user.target in _TRANSPARENT_METHODS and user.args[0] is node:
             out += _consumers(user)
-        else:
+        elif not _metadata_only(user):
             out.append(user)
     return out
+
+
+def _metadata_only(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda")
+    return node.op == "call_method" and node.target in ("size", "dim", "numel")
 
 
 def unused_plans(gm: torch.nn.Module, subs: Sequence[SubConfig], graph: torch.fx.Graph,

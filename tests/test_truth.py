@@ -473,3 +473,18 @@ def test_leaf_reading_a_child_weight_directly_is_reported() -> None:
     with pytest.warns(UserWarning, match=r"'0.fc' is selected but cannot be compressed"):
         gm = fxcompress.compress(model, PRUNE, strict=False)
     assert sorted(fxcompress.masks(gm)) == ["1"]
+
+
+def test_timm_conv2d_same_is_traced_through_its_padding() -> None:
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = nn.Sequential(timm_layers.Conv2dSame(3, 8, 3, stride=2), nn.ReLU())
+    cfg = [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5, "quant_types": ["input", "weight"], "quant_bits": 8}]
+    gm = fxcompress.compress(model, cfg)
+    assert fxcompress.report(gm)[0].site == "graph" and int((~fxcompress.masks(gm)["0"]).sum()) == 108
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "0.input_quantizer" in calls  # the padded input is visible, so it is quantized
+    x = torch.randn(2, 3, 9, 9)
+    gm(x)
+    pruned = fxcompress.compress(model, [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5}])
+    torch.testing.assert_close(pruned(x), masked_reference(model, fxcompress.masks(pruned))(x))
