@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,8 +27,6 @@ from fxcompress.settings import SubConfig
 from fxcompress.tracing import LeafSpec, trace, with_module_tree
 
 __all__ = ["compress", "layer_infos", "plan", "select", "trace"]
-
-log = logging.getLogger(__name__)
 
 def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequence[Any] | None = None,
              leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None,
@@ -60,7 +57,7 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
         warnings.warn("compress: the config_list has no pruning or quantization key in any sub-config, so "
                       "nothing is compressed; add e.g. 'sparsity_per_layer' or 'quant_types'", UserWarning,
                       stacklevel=caller_stacklevel())
-    gm, previous = _plan(model, subs, leaf_modules, concrete_args, strict, inplace)
+    gm = _plan(model, subs, leaf_modules, concrete_args, strict, inplace)
     masks = pending_masks(gm, 0.0 if start_dense else 1.0)  # may raise: before any change
     rewrite_leaf_layers(gm)
     functionalize_layers(gm, finalize=False)
@@ -80,12 +77,11 @@ def plan(model: torch.nn.Module, config_list: Any, *, leaf_modules: Iterable[Lea
 
     Arguments as for :func:`compress`; the returned GraphModule computes exactly what the model does.
     """
-    return _plan(model, parse_config(config_list), leaf_modules, concrete_args, strict, inplace)[0]
+    return _plan(model, parse_config(config_list), leaf_modules, concrete_args, strict, inplace)
 
 
 def _plan(model: torch.nn.Module, subs: tuple[SubConfig, ...], leaf_modules: Iterable[LeafSpec],
-          concrete_args: dict[str, Any] | None, strict: bool, inplace: bool
-          ) -> tuple[torch.fx.GraphModule, dict[str, LayerPlan]]:
+          concrete_args: dict[str, Any] | None, strict: bool, inplace: bool) -> torch.fx.GraphModule:
     """Trace (or re-graph a GraphModule), annotate, run every model check; changes no module of ``model``."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compress: expected an nn.Module, got {type(model).__name__}")
@@ -103,7 +99,7 @@ def _plan(model: torch.nn.Module, subs: tuple[SubConfig, ...], leaf_modules: Ite
     check_tied(gm, plans)
     check_unclaimed(gm, plans, previous)
     _record_plans(gm, plans)
-    return gm, previous
+    return gm
 
 
 def select(model: torch.nn.Module, config_list: Any, *, strict: bool = True) -> list[str]:

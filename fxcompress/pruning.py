@@ -100,9 +100,8 @@ def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction:
     for index, weights in groups.items():
         setting = plans[next(iter(weights))].prune
         masks.update(global_masks(weights, setting, f"config_list[{index}]", fraction))
-    for name in pruned:
-        masks.setdefault(name, masks[tied[name][0]] if name in tied else None)
-    return {name: masks[name] for name in pruned}
+    # a tied layer that is not its weight's first holder shares that holder's mask
+    return {name: masks[tied[name][0] if name in tied else name] for name in pruned}
 
 
 @torch.no_grad()

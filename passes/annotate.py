@@ -97,17 +97,20 @@ def _node_plan(gm: torch.fx.GraphModule, node: torch.fx.Node, subs: Sequence[Sub
         return LeafPlan(node.target, layers) if layers else None
     if node.op == "get_attr":
         owner, _, attr = node.target.rpartition(".")
-        module = _module_or_none(gm, owner)
-        if attr in ("weight", "bias") and module is not None and compressible_base(module) is not None:
-            return _merged(previous.get(owner), plan_for(subs, owner, module))
-        return None
+        return _layer_plan(gm, owner, subs, previous) if attr in ("weight", "bias") else None
     weight = layer_weight(node)
     if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-        owner = weight.target.rpartition(".")[0]
-        module = _module_or_none(gm, owner)
-        if module is not None and compressible_base(module) is not None:
-            return _merged(previous.get(owner), plan_for(subs, owner, module))
+        return _layer_plan(gm, weight.target.rpartition(".")[0], subs, previous)
     return None
+
+
+def _layer_plan(gm: torch.fx.GraphModule, name: str, subs: Sequence[SubConfig],
+                previous: Mapping[str, LayerPlan]) -> LayerPlan | None:
+    """The merged plan of the compressible module ``name`` whose parameter a node reads, or None."""
+    module = _module_or_none(gm, name)
+    if module is None or compressible_base(module) is None:
+        return None
+    return _merged(previous.get(name), plan_for(subs, name, module))
 
 
 def _checked(plan: LayerPlan | None, module: torch.nn.Module) -> LayerPlan | None:
@@ -215,14 +218,11 @@ def unused_plans(gm: torch.nn.Module, subs: Sequence[SubConfig], graph: torch.fx
                  previous: Mapping[str, LayerPlan] | None = None) -> dict[str, LayerPlan]:
     """Plans of the selected layers that the traced forward never calls nor reads (``used=False``)."""
     seen = set(layer_plans(graph))
+    called = tuple(f"{n.target}." for n in graph.nodes if n.op == "call_module")  # inside them: used
     out = {}
     for name, module in gm.named_modules():
-        if name and name not in seen and compressible_base(module) is not None and not _inside_leaf(name, graph):
+        if name and name not in seen and compressible_base(module) is not None and not name.startswith(called):
             plan = (previous or {}).get(name) or plan_for(subs, name, module)
             if plan is not None:
                 out[name] = LayerPlan(**{**plan.__dict__, "used": False})
     return out
-
-
-def _inside_leaf(name: str, graph: torch.fx.Graph) -> bool:
-    return any(n.op == "call_module" and name.startswith(f"{n.target}.") for n in graph.nodes)

@@ -8,7 +8,7 @@ import torch.fx
 from fxcompress.annotations import STEP_COUNTER, LayerPlan, NodeRole, get_plan, get_role, layer_plans, set_role
 from fxcompress.attention import CompressedAttention
 from fxcompress.layers import CompressedLayer
-from fxcompress.passes.annotate import layer_weight
+from fxcompress.passes.annotate import layer_input, layer_weight
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
 
 __all__ = ["insert_fake_quant"]
@@ -103,7 +103,7 @@ def _quantize_read(graph: torch.fx.Graph, read: torch.fx.Node, layer: str, step:
 
 
 def _quantize_input(graph: torch.fx.Graph, node: torch.fx.Node, layer: str, step: torch.fx.Node) -> None:
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = layer_input(node)
     if get_role(x) == NodeRole(layer, "input_quantizer"):
         return
     with graph.inserting_before(node):
