@@ -16,13 +16,17 @@ __all__ = ["CalledTwice", "Nested", "SeedModel", "TwoLayers", "masked_reference"
 def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """The original model with the masks multiplied into its weights (and filters' biases) by hand:
     the independent reference every pruning numerics test compares against. An attention's
-    ``<a>.in_proj`` mask goes into ``<a>.in_proj_weight`` / ``in_proj_bias`` (SPEC §2.6)."""
+    ``<a>.in_proj`` mask goes into ``<a>.in_proj_weight`` / ``in_proj_bias`` (SPEC §2.6), or into its
+    separate q/k/v weights (see :func:`_mask_separate_qkv`)."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, mask in masks.items():
             owner, _, part = name.rpartition(".")
             if part == "in_proj" and isinstance(ref.get_submodule(owner), nn.MultiheadAttention):
                 attention = ref.get_submodule(owner)
+                if not attention._qkv_same_embed_dim:
+                    _mask_separate_qkv(attention, mask)
+                    continue
                 weight, bias = attention.in_proj_weight, attention.in_proj_bias
             else:
                 weight, bias = ref.get_submodule(name).weight, ref.get_submodule(name).bias
@@ -36,6 +40,21 @@ def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Mod
                 if not mask[i].any():
                     bias[i] = 0.0
     return ref
+
+
+def _mask_separate_qkv(attention: nn.MultiheadAttention, mask: torch.Tensor) -> None:
+    """The mask of an in-projection with separate q/k/v weights is ``(E, E + kdim + vdim)``: the
+    q, k and v columns side by side. Row ``j`` is output ``j`` of all three, so bias entries ``j``,
+    ``E + j`` and ``2E + j`` go when that whole row is pruned."""
+    start = 0
+    for weight in (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight):
+        weight.mul_(mask[:, start:start + weight.shape[1]])
+        start += weight.shape[1]
+    assert start == mask.shape[1]
+    bias, e = attention.in_proj_bias, attention.embed_dim
+    for j in range(e if bias is not None else 0):
+        if not mask[j].any():
+            bias[j] = bias[e + j] = bias[2 * e + j] = 0.0
 
 
 def seed_input(batch: int = 2) -> torch.Tensor:
