@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,19 +36,26 @@ class LayerRow:
     ranges: str
 
 
-def report(gm: torch.fx.GraphModule) -> list[LayerRow]:
+def report(gm: torch.fx.GraphModule, allocated: Mapping[str, torch.Tensor] | None = None) -> list[LayerRow]:
     """One row per annotated layer, in graph order.
+
+    Args:
+        gm: a model returned by ``compress`` or ``plan``.
+        allocated: keep-masks computed but not installed (a dry run: ``compute_masks`` on a
+            ``plan``): a pruned layer without a ``weight_mask`` counts its pruned weights from these.
 
     >>> [r.name for r in report(gm)]  # doctest: +SKIP
     ['conv1', 'conv2', 'fc1']
     """
-    return [_row(gm, plan) for plan in plans_of(gm).values()]
+    return [_row(gm, plan, (allocated or {}).get(plan.name)) for plan in plans_of(gm).values()]
 
 
-def _row(gm: torch.nn.Module, plan: LayerPlan) -> LayerRow:
+def _row(gm: torch.nn.Module, plan: LayerPlan, allocated: torch.Tensor | None = None) -> LayerRow:
     layer = _module_or_none(gm, plan.name) if plan.used else None
     params = 0 if layer is None else layer.weight.numel()
     mask = getattr(layer, "weight_mask", None) if plan.compressed and plan.prune is not None else None
+    if mask is None and plan.compressed and plan.prune is not None:
+        mask = allocated
     pruned = None if mask is None else int(params - int(mask.sum()))
     q = plan.quant
     quant = "" if q is None else ", ".join(_quant_text(t, getattr(q, t)) for t in q.types)
@@ -103,12 +111,12 @@ def _target(plan: LayerPlan) -> str:
     return f"{p.sparsity_per_layer:g}{extra} ({p.criterion})"
 
 
-def summary(gm: torch.fx.GraphModule) -> str:
-    """The plan table rendered with tabulate, with a totals row.
+def summary(gm: torch.fx.GraphModule, allocated: Mapping[str, torch.Tensor] | None = None) -> str:
+    """The plan table rendered with tabulate, with a totals row (``allocated``: as for :func:`report`).
 
     >>> print(summary(gm))  # doctest: +SKIP
     """
-    rows = report(gm)
+    rows = report(gm, allocated)
     table = [[r.name, r.type_name, r.site, r.params, r.config_index,
               ",".join(map(str, r.overridden)) or "-", r.target,
               "" if r.achieved_sparsity is None else f"{r.achieved_sparsity:.2%}",
