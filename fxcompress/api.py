@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -12,13 +13,20 @@ import torch.fx
 
 from fxcompress.annotations import RECORD, LayerPlan, layer_plans, plans_of
 from fxcompress.config import parse_config
-from fxcompress.errors import caller_stacklevel
+from fxcompress.errors import TraceError, caller_stacklevel
 from fxcompress.layer_types import compressible_base, type_names_of
 from fxcompress.layers import CompressionRecord
 from fxcompress.matching import LayerInfo, check_against_model, check_traced, resolve_all
 from fxcompress.passes.annotate import annotate_layers, unused_plans
 from fxcompress.passes.functionalize import functionalize_layers
 from fxcompress.passes.leaf_layers import rewrite_leaf_layers
+from fxcompress.passes.module_level import (
+    mark_module_level,
+    module_level_reason,
+    pending_module_masks,
+    plan_modules,
+    rewrite_modules,
+)
 from fxcompress.passes.prune import pending_masks, rewrite_pruned_layers
 from fxcompress.passes.quantize import insert_fake_quant
 from fxcompress.passes.strip import strip_compression
@@ -45,7 +53,9 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
         start_dense: install all-ones masks and prune nothing yet, so that a
             ``SparsityScheduler`` ramps from the dense weights (the final target is checked now).
     Returns:
-        A new GraphModule that trains, compiles, exports and scripts.
+        A new GraphModule that trains, compiles, exports and scripts. When torch.fx cannot trace
+        the model's top-level forward (Hugging Face models), a copy of the model itself, compressed
+        at module level, with a warning saying why (see :mod:`fxcompress.passes.module_level`).
     Raises:
         ConfigError: a bad config (nothing about the model is changed).
         TraceError: the model cannot be traced; the message names the module and line.
@@ -58,6 +68,12 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
                       "nothing is compressed; add e.g. 'sparsity_per_layer' or 'quant_types'", UserWarning,
                       stacklevel=caller_stacklevel())
     gm = _plan(model, subs, leaf_modules, concrete_args, strict, inplace)
+    if module_level_reason(gm) is not None:
+        plans = plans_of(gm)
+        rewrite_modules(gm, plans, pending_module_masks(gm, plans, 0.0 if start_dense else 1.0))
+        if example_inputs is not None:
+            _smoke_run(gm, example_inputs)
+        return gm
     masks = pending_masks(gm, 0.0 if start_dense else 1.0)  # may raise: before any change
     rewrite_leaf_layers(gm)
     functionalize_layers(gm, finalize=False)
@@ -92,7 +108,13 @@ def _plan(model: torch.nn.Module, subs: tuple[SubConfig, ...], leaf_modules: Ite
         gm = _regraph(source)
         strip_compression(gm)  # a compressed model's nodes are rebuilt from the merged plans
     else:
-        gm = trace(model if inplace else copy.deepcopy(model), leaf_modules, concrete_args)
+        source = model if inplace else copy.deepcopy(model)
+        try:
+            gm = trace(source, leaf_modules, concrete_args)
+        except TraceError as err:
+            if err.module != "":
+                raise
+            return _plan_module_level(source, subs, previous, str(err), strict)
     annotate_layers(gm, subs, previous)
     plans = {**layer_plans(gm.graph), **unused_plans(gm, subs, gm.graph, previous)}
     check_traced(subs, plans, strict=strict)
@@ -100,6 +122,24 @@ def _plan(model: torch.nn.Module, subs: tuple[SubConfig, ...], leaf_modules: Ite
     check_unclaimed(gm, plans, previous)
     _record_plans(gm, plans)
     return gm
+
+
+def _plan_module_level(model: torch.nn.Module, subs: tuple[SubConfig, ...], previous: dict[str, LayerPlan],
+                       reason: str, strict: bool) -> torch.nn.Module:
+    """The top-level forward cannot be traced: plan the layers of the model's copy at module level."""
+    if module_level_reason(model) is None:  # said once per model, not again when it is recompressed
+        head = re.split(r"\. Fix:|, and fxcompress cannot", reason)[0]
+        warnings.warn(f"compress: {head}. {type(model).__name__} is compressed at module "
+                      "level instead: the result is a copy of the model running its own forward, with each "
+                      "compressed layer replaced by a CompressedLayer (see the README, 'Models fx cannot trace')",
+                      UserWarning, stacklevel=caller_stacklevel())
+    plans = plan_modules(model, subs, previous)
+    check_traced(subs, plans, strict=strict)
+    check_tied(model, plans)
+    check_unclaimed(model, plans, previous)
+    mark_module_level(model, reason)
+    _record_plans(model, plans)
+    return model
 
 
 def select(model: torch.nn.Module, config_list: Any, *, strict: bool = True) -> list[str]:
@@ -134,7 +174,7 @@ def _regraph(source: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return with_module_tree(source, copy.deepcopy(source.graph), source.__class__.__name__)
 
 
-def _record_plans(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> None:
+def _record_plans(gm: torch.nn.Module, plans: dict[str, LayerPlan]) -> None:
     # first in the tree, so a mismatching checkpoint is refused before any other module loads
     others = {k: v for k, v in gm._modules.items() if k != RECORD}
     gm._modules.clear()

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fxcompress.errors import ConfigError, caller_stacklevel
+from fxcompress.layer_types import NOT_SUPPORTED
 from fxcompress.settings import (
     COMPRESSIBLE_TYPES,
     CRITERIA,
@@ -99,6 +100,8 @@ def _check_type_name(place: str, name: str) -> None:
     Any other class name parses (SPEC.md §2.1: a subclass answers to its own name); whether the
     model has a layer of that type is checked against the model, in ``matching``.
     """
+    if name in NOT_SUPPORTED:
+        raise ConfigError(f"{place}: {name!r} cannot be compressed: {NOT_SUPPORTED[name]}")
     hint = suggest_type_name(name)
     if not all(part.isidentifier() for part in name.split(".")):
         fix = f"did you mean '{hint}'? " if hint else ""

@@ -19,7 +19,15 @@ class ConfigError(ValueError):
 
 
 class TraceError(RuntimeError):
-    """torch.fx could not trace the model, even with the automatic leaf fallback."""
+    """torch.fx could not trace the model, even with the automatic leaf fallback.
+
+    ``module`` is the qualified name of the module that could not be traced (``""``: the
+    top-level forward), or None when unknown.
+    """
+
+    def __init__(self, message: str, module: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
 
 
 def caller_stacklevel() -> int:

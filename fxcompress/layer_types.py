@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCH_LAYERS", "compressible_base", "has_own_forward", "type_name_of", "type_names_of"]
+__all__ = ["NOT_SUPPORTED", "TORCH_LAYERS", "compressible_base", "has_own_forward", "type_name_of", "type_names_of"]
 
 #: The torch layer classes fxcompress rewrites; a subclass of one is compressible too (SPEC §2.1).
 TORCH_LAYERS: tuple[type[torch.nn.Module], ...] = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                                                    torch.nn.Linear)
 
+
+#: Layer classes of model libraries that users ask for and fxcompress does not compress, and why.
+NOT_SUPPORTED: dict[str, str] = {
+    "Conv1D": ("Hugging Face's Conv1D (GPT-2's attention and MLP projections) is a Linear whose weight is stored "
+               "transposed, (in_features, out_features), and fxcompress does not compress it; GPT-2's lm_head is an "
+               "nn.Linear and can be selected with 'Linear'"),
+}
 
 
 def compressible_base(module: torch.nn.Module) -> type[torch.nn.Module] | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxcompress.errors import ConfigError, caller_stacklevel
+from fxcompress.layer_types import NOT_SUPPORTED
 from fxcompress.settings import COMPRESSIBLE_TYPES, SubConfig
 
 __all__ = ["LayerInfo", "Resolution", "check_against_model", "check_traced", "compressible", "report_problems",
@@ -151,7 +152,7 @@ def _check_names(sub: SubConfig, by_name: dict[str, LayerInfo]) -> list[str]:
         elif not by_name[name].is_compressible:
             m = by_name[name]
             fix = (f"; to select the layers inside it use 'op_partial_names': ['{name}.']" if m.is_container
-                   else "")
+                   else f": {NOT_SUPPORTED[m.type_names[0]]}" if m.type_names[0] in NOT_SUPPORTED else "")
             problems.append(f"{place}: {name!r} is a {m.type_names[0]}, which fxcompress cannot compress "
                             f"(it compresses {', '.join(COMPRESSIBLE_TYPES)} and their subclasses){fix}")
     return problems

@@ -85,7 +85,7 @@ def _site(plan: LayerPlan) -> str:
         return "unused"
     if plan.blocked is not None:
         return "not compressed (see plan.blocked)"
-    site = "graph" if plan.leaf is None else f"in leaf {plan.leaf}"
+    site = "graph" if plan.leaf is None else f"in leaf {plan.leaf}" if plan.leaf else "module level"
     if plan.unreachable and plan.quant is not None and plan.quant.input is not None:
         site += f" (weight only at {len(plan.unreachable)} read(s))"
     return site

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import linecache
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterable
@@ -97,7 +98,7 @@ def trace(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec] = (),
                 break
             for where in found:
                 if not fallback or not where or where in leaves:
-                    raise TraceError(_mode_message(model, where))
+                    raise TraceError(_mode_message(model, where), where)
             log.info("%s compute differently in train and eval mode; keeping them as leaf modules", found)
             leaves.extend(found)
     finally:
@@ -118,7 +119,7 @@ def _trace_with_fallback(model: torch.nn.Module, leaves: list[LeafSpec], concret
         except Exception as err:  # any tracing failure is handled the same way
             where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
             if not fallback or not where or where in leaves:
-                raise TraceError(_trace_message(model, where, err)) from err
+                raise TraceError(_trace_message(model, where, err), where) from err
             log.info("torch.fx cannot trace %r (%s); retrying with it as a leaf module", where, err)
             leaves.append(where)
 
@@ -267,12 +268,16 @@ def _resolve_string_annotations(graph: torch.fx.Graph, model: torch.nn.Module) -
 
 
 def _trace_message(model: torch.nn.Module, where: str, err: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    here = os.path.dirname(__file__)
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "/torch/" not in f.filename and not f.filename.startswith(here)]
     line = ""
     if frames:
         f = frames[-1]
         code = (f.line or linecache.getline(f.filename, f.lineno)).strip()
         line = f" at {f.filename}:{f.lineno} ({code})"
+    if "co_varnames" in str(err) or (not frames and "Proxy object cannot be iterated" in str(err)):
+        line = " (fx cannot make inputs for a forward whose signature is *args/**kwargs behind a decorator)"
     module = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else "the top-level forward"
     leaf = f"leaf_modules=['{where}']" if where else "leaf_modules=[...]"
     return (f"torch.fx could not trace {module}{line}: {type(err).__name__}: {err}. "

@@ -24,12 +24,15 @@ from fxcompress.layer_types import compressible_base, has_own_forward, type_name
 from fxcompress.matching import resolve
 from fxcompress.settings import SubConfig
 
-__all__ = ["COMPUTE_OPS", "annotate_layers", "layer_input", "layer_weight", "plan_for", "unused_plans"]
+__all__ = ["COMPUTE_OPS", "annotate_layers", "inside_plan", "layer_input", "layer_weight", "merged_plan", "plan_for",
+           "read_by_parent", "unused_plans"]
 
 COMPUTE_OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 _ATTENTION_OWNERS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
 # ops a read may pass through on its way to a compute op and still count as the layer's weight
 _TRANSPARENT_METHODS = ("to", "contiguous", "float", "half", "bfloat16", "type_as")
+# source text after ``self.fc.weight`` that reads only its metadata, which a swapped-in layer keeps
+_METADATA_READ = re.compile(r"\s*\.\s*(dtype|shape|device|ndim|is_cuda|requires_grad|size\s*\(|dim\s*\(|numel\s*\()")
 
 
 def plan_for(subs: Sequence[SubConfig], name: str, module: torch.nn.Module, leaf: str | None = None
@@ -88,11 +91,11 @@ def _node_plan(gm: torch.fx.GraphModule, node: torch.fx.Node, subs: Sequence[Sub
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if compressible_base(module) is not None:
-            return _checked(_merged(previous.get(node.target), plan_for(subs, node.target, module)), module)
-        inner = ((_merged(previous.get(f"{node.target}.{name}"),
+            return _checked(merged_plan(previous.get(node.target), plan_for(subs, node.target, module)), module)
+        inner = ((merged_plan(previous.get(f"{node.target}.{name}"),
                           plan_for(subs, f"{node.target}.{name}", m, leaf=node.target)), m, why, in_proj)
                  for name, m, why, in_proj in layers_inside(module))
-        layers = tuple(_inside_plan(p, m, why or _read_by_parent(module, p.name[len(node.target) + 1:]), in_proj)
+        layers = tuple(inside_plan(p, m, why or read_by_parent(module, p.name[len(node.target) + 1:]), in_proj)
                        for p, m, why, in_proj in inner if p is not None)
         return LeafPlan(node.target, layers) if layers else None
     if node.op == "get_attr":
@@ -110,24 +113,26 @@ def _layer_plan(gm: torch.fx.GraphModule, name: str, subs: Sequence[SubConfig],
     module = _module_or_none(gm, name)
     if module is None or compressible_base(module) is None:
         return None
-    return _merged(previous.get(name), plan_for(subs, name, module))
+    return merged_plan(previous.get(name), plan_for(subs, name, module))
 
 
 def _checked(plan: LayerPlan | None, module: torch.nn.Module) -> LayerPlan | None:
     """Refuse a compressed layer whose own forward fxcompress cannot see into (it runs as a leaf)."""
     if plan is not None and plan.compressed and has_own_forward(module):
         raise ConfigError(
-            f"layer {plan.name!r} ({plan.type_name}) has its own forward but runs inside a leaf module, where "
-            "fxcompress cannot see how it reads its weight; remove it (or its parent) from leaf_modules, or "
+            f"layer {plan.name!r} ({plan.type_name}) has its own forward but runs inside a leaf module (or a model "
+            "whose forward could not be traced), where fxcompress cannot see how it reads its weight; remove it "
+            "(or its parent) from leaf_modules, or "
             f"exclude it: {{'op_names': [{plan.name!r}], 'exclude': True}}")
     return plan
 
 
-def _read_by_parent(leaf: torch.nn.Module, path: str) -> str | None:
-    """Why a layer inside a leaf cannot be compressed at module level: its parent's forward reads
-    ``self.<layer>.weight`` directly (found in the source), which a swapped-in module cannot intercept."""
+def read_by_parent(root: torch.nn.Module, path: str) -> str | None:
+    """Why a layer run at module level cannot be compressed: its parent's forward reads the values of
+    ``self.<layer>.weight`` directly (found in the source), which a swapped-in module cannot intercept.
+    Reads of metadata (``.dtype``, ``.shape``, ...) and ``isinstance`` checks are harmless."""
     parent_path, _, attr = path.rpartition(".")
-    parent = leaf.get_submodule(parent_path) if parent_path else leaf
+    parent = root.get_submodule(parent_path) if parent_path else root
     if isinstance(parent, _ATTENTION_OWNERS) or attr == "in_proj":
         # handled: CompressedAttention replaces the attention, and with it these layers' fused fast
         # paths (the only place their forwards read a child's weight) are never taken
@@ -136,13 +141,16 @@ def _read_by_parent(leaf: torch.nn.Module, path: str) -> str | None:
         source = inspect.getsource(type(parent).forward)
     except (OSError, TypeError):
         return None
-    if re.search(rf"\w\.{re.escape(attr)}\.(weight|bias)\b", source):
-        return (f"{type(parent).__name__}.forward reads self.{attr}.weight directly and the module runs as a leaf "
-                "(fx could not trace it in both modes alike), so a module-level mask or quantizer would be bypassed")
+    for read in re.finditer(rf"(\w+)\.{re.escape(attr)}\.(weight|bias)\b", source):
+        if _METADATA_READ.match(source, read.end()) or re.search(r"isinstance\(\s*$", source[:read.start()]):
+            continue
+        return (f"{type(parent).__name__}.forward reads self.{attr}.{read.group(2)} directly, and the layer is "
+                "compressed at module level (fx could not trace its parent in both modes alike), so a module-level "
+                "mask or quantizer would be bypassed")
     return None
 
 
-def _inside_plan(plan: LayerPlan, module: torch.nn.Module, why: str | None, in_proj: bool) -> LayerPlan:
+def inside_plan(plan: LayerPlan, module: torch.nn.Module, why: str | None, in_proj: bool) -> LayerPlan:
     """A layer inside a leaf: blocked with a reason, or an attention in-projection whose outputs
     (q, k, v) exist only inside F.multi_head_attention_forward."""
     if why is not None:
@@ -160,7 +168,7 @@ def _module_or_none(gm: torch.nn.Module, name: str) -> torch.nn.Module | None:
         return None
 
 
-def _merged(old: LayerPlan | None, new: LayerPlan | None) -> LayerPlan | None:
+def merged_plan(old: LayerPlan | None, new: LayerPlan | None) -> LayerPlan | None:
     """An earlier compress's plan with the new one added (SPEC §2.9)."""
     if old is None or not old.compressed:
         return new

@@ -11,7 +11,7 @@ from fxcompress.layers import CompressedLayer
 from fxcompress.passes.annotate import layer_input, layer_weight
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
 
-__all__ = ["insert_fake_quant"]
+__all__ = ["add_quantizers", "insert_fake_quant"]
 
 
 def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> torch.fx.GraphModule:
@@ -39,7 +39,7 @@ def insert_fake_quant(gm: torch.fx.GraphModule, *, finalize: bool = True) -> tor
 def _insert_quantizers(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> None:
     for name, plan in plans.items():
         owner = gm.get_submodule(name.rpartition(".")[0]) if "." in name else gm
-        _add_quantizers(gm.get_submodule(name), plan, isinstance(owner, CompressedAttention)
+        add_quantizers(gm.get_submodule(name), plan, isinstance(owner, CompressedAttention)
                         and owner.in_proj is gm.get_submodule(name))
     step = _step_node(gm)
     counter = gm.get_submodule(STEP_COUNTER)
@@ -59,7 +59,8 @@ def _insert_quantizers(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]) ->
                 _quantize_output(gm.graph, node, plan.name, step)
 
 
-def _add_quantizers(layer: torch.nn.Module, plan: LayerPlan, attention_in_proj: bool) -> None:
+def add_quantizers(layer: torch.nn.Module, plan: LayerPlan, attention_in_proj: bool) -> None:
+    """Give ``layer`` the quantizer modules its plan asks for (those it already has are kept)."""
     quant = plan.quant
     kinds = [("input", ActivationQuantizer), ("weight", WeightQuantizer), ("output", ActivationQuantizer)]
     if attention_in_proj and quant.input is not None:  # cross-attention: key and value are inputs of their own

@@ -132,10 +132,15 @@ def test_trace_error_names_module_line_and_fix() -> None:
         trace(Outer(), fallback=False)
 
 
-def test_top_level_trace_failure_is_a_trace_error() -> None:
+def test_top_level_trace_failure_compresses_at_module_level() -> None:
+    with pytest.warns(UserWarning, match=r"could not trace the top-level forward at .*test_annotate.py:\d+ "
+                                         r"\(if x.sum\(\) > 0:\).* Branchy is compressed at module level instead"):
+        gm = fxcompress.compress(Branchy(), [{"op_types": ["Linear"], "sparsity_per_layer": 0.5}])
+    assert type(gm) is Branchy and isinstance(gm.fc, fxcompress.layers.CompressedLayer)
+    assert int(gm.fc.weight_mask.sum()) == 8
     with pytest.raises(TraceError, match=r"could not trace the top-level forward at .*test_annotate.py:\d+ "
                                          r"\(if x.sum\(\) > 0:\).*concrete_args"):
-        fxcompress.compress(Branchy(), [{"op_types": ["Linear"], "sparsity_per_layer": 0.5}])
+        trace(Branchy(), fallback=False)
 
 
 def test_example_inputs_smoke_run_keeps_mode_and_step() -> None:

@@ -104,7 +104,7 @@ def test_mode_dependent_modules_become_leaves_and_their_layers_are_still_compres
                     "head": "graph"}
 
 
-def test_mode_dependence_of_the_top_level_forward_is_an_error() -> None:
+def test_mode_dependence_of_the_top_level_forward_compresses_at_module_level() -> None:
     class Top(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -113,9 +113,16 @@ def test_mode_dependence_of_the_top_level_forward_is_an_error() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x) * (2.0 if self.training else 1.0)
 
+    with pytest.warns(UserWarning, match=r"the top-level forward of Top computes a different graph in train and "
+                                         r"eval mode \(it reads self.training\)\. Top is compressed at module level"):
+        gm = fxcompress.compress(Top().eval(), ONES)
+    x = torch.ones(1, 2)
+    ref = gm.fc.weight.sum(1) + gm.fc.bias  # all-ones masks: the plain layer
+    assert torch.allclose(gm(x), ref)
+    assert torch.allclose(gm.train()(x), 2 * ref)
     with pytest.raises(TraceError, match=r"the top-level forward of Top computes a different graph in train and "
                                          r"eval mode"):
-        fxcompress.compress(Top(), ONES)
+        fxcompress.trace(Top(), fallback=False)
 
 
 def test_submodule_modes_are_restored_after_tracing() -> None:
