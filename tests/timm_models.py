@@ -271,9 +271,12 @@ def check(name: str) -> Outcome:
 
 
 def markdown(outcomes: list[Outcome]) -> str:
+    """The README's table; outcome ``graph`` (every layer in the fx graph), ``graph + leaf`` (some
+    inside leaf modules, compressed at module level), or the failed checks with their reasons."""
     lines = ["| model | params (M) | compressed / used (in leaves) | leaf types | outcome |", "|---|---|---|---|---|"]
     for o in outcomes:
-        verdict = "ok" if o.ok else "; ".join(f"{k}: {v}" for k, v in o.failures.items())
+        verdict = (("graph + leaf" if o.in_leaves else "graph") if o.ok
+                   else "; ".join(f"{k}: {v}" for k, v in o.failures.items()))
         lines.append(f"| {o.model} | {o.params / 1e6:.1f} | {o.compressed} / {o.used} ({o.in_leaves}) | "
                      f"{', '.join(o.leaves)} | {verdict} |")
     return "\n".join(lines)
