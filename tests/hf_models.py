@@ -227,3 +227,16 @@ def check(name: str) -> Outcome:
         except Exception as err:  # every check runs; the failures are reported together
             out.failures[fn.__name__.removeprefix("check_")] = f"{type(err).__name__}: {err}"[:400]
     return out
+
+
+def markdown(outcomes: list[Outcome]) -> str:
+    """The README's table: outcome ``module level`` when every check passed, else the failed checks."""
+    lines = ["| model | Linear layers used | compressed | outcome |", "|---|---|---|---|"]
+    for o in outcomes:
+        verdict = "module level" if o.ok else "; ".join(f"{k}: {v}" for k, v in o.failures.items())
+        lines.append(f"| {o.name} | {o.linears} | {o.compressed} | {verdict} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m tests.hf_models: the README's table
+    print(markdown([check(name) for name in BUILDERS]))

@@ -136,3 +136,15 @@ def test_gpt2_conv1d_is_refused_with_the_reason() -> None:
     gm = compress(gpt2, PRUNE)  # 'Linear' selects the nn.Linear lm_head, tied to the token embedding
     assert [r.name for r in fxcompress.report(gm)] == ["lm_head"]
     assert torch.equal(gm.transformer.wte.weight, gpt2.transformer.wte.weight)  # the embedding reads it as stored
+
+
+def test_module_level_model_exports() -> None:
+    """torch.export takes the module-level model (non-strict, as transformers models need) in eval mode."""
+    gm = compress(build("BertForSequenceClassification"), [
+        {"op_types": ["Linear"], "sparsity_per_layer": 0.5, "quant_types": ["input", "weight"], "quant_bits": 8}])
+    gm.train()
+    gm(**inputs("BertForSequenceClassification"))  # observe ranges
+    gm.eval()
+    kwargs = inputs("BertForSequenceClassification", labels=False)
+    exported = torch.export.export(gm, (), kwargs, strict=False)
+    assert torch.allclose(exported.module()(**kwargs).logits, gm(**kwargs).logits, atol=1e-6)
