@@ -24,6 +24,8 @@ class LayerPlan:
     ``overridden`` the earlier sub-configs that also selected it. ``used`` is False for a
     layer the traced forward never calls nor reads; ``unreachable`` describes the reads of its
     weight whose input fxcompress cannot see (input/output quantization skipped there).
+    ``folds_bn`` names the BatchNorm whose scale the layer's weight quantizer sees folded in
+    (Conv-BN folding for QAT, ``fxcompress.folding``).
     """
 
     name: str
@@ -37,6 +39,7 @@ class LayerPlan:
     used: bool = True
     unreachable: tuple[str, ...] = ()
     blocked: str | None = None
+    folds_bn: str | None = None
 
     @property
     def compressed(self) -> bool:

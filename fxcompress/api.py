@@ -18,7 +18,9 @@ from fxcompress.layer_types import compressible_base, type_names_of
 from fxcompress.layers import CompressionRecord
 from fxcompress.matching import LayerInfo, check_against_model, check_traced, resolve_all
 from fxcompress.passes.annotate import annotate_layers, unused_plans
+from fxcompress.passes.fold_bn import fold_batchnorm, mark_bn_folds
 from fxcompress.passes.functionalize import functionalize_layers
+from fxcompress.passes.group_plan import attach_group_record, needs_groups, out_channel_layers
 from fxcompress.passes.leaf_layers import rewrite_leaf_layers
 from fxcompress.passes.module_level import (
     mark_module_level,
@@ -38,20 +40,27 @@ __all__ = ["compress", "layer_infos", "plan", "select", "trace"]
 
 def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequence[Any] | None = None,
              leaf_modules: Iterable[LeafSpec] = (), concrete_args: dict[str, Any] | None = None,
-             strict: bool = True, inplace: bool = False, start_dense: bool = False) -> torch.fx.GraphModule:
+             strict: bool = True, inplace: bool = False, start_dense: bool = False,
+             fold_bn: bool = True) -> torch.fx.GraphModule:
     """Trace ``model`` and rewrite the layers ``config_list`` selects into masked / fake-quant form.
 
     Args:
         model: an ``nn.Module`` (traced with torch.fx) or a GraphModule, also one ``compress``
             returned: the new config is then added to the old one (SPEC §2.9).
         config_list: NNI-style list of sub-config dicts (see README).
-        example_inputs: if given, the result is run once on them (eval mode, no grad) as a check.
+        example_inputs: a tensor or the tuple of positional inputs, of the shapes the model will see.
+            ``granularity: 'out_channel'`` needs them to find the dependency groups (one channel
+            mask per group, norms masked too: SPEC §4, what ``fxcompress.speedup`` removes); without
+            them each such layer's filters are ranked alone, with a warning. If given, the result
+            is also run once on them (eval mode, no grad) as a check.
         leaf_modules: module types or qualified names the tracer must not enter.
         concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments.
         strict: model-dependent config problems raise (True) or warn (False).
         inplace: reuse the model's modules instead of a deep copy.
         start_dense: install all-ones masks and prune nothing yet, so that a
             ``SparsityScheduler`` ramps from the dense weights (the final target is checked now).
+        fold_bn: a weight-quantized conv whose output only a BatchNorm reads quantizes the
+            BatchNorm-folded weight (the weight the deployed model holds); see ``fxcompress.folding``.
     Returns:
         A new GraphModule that trains, compiles, exports and scripts. When torch.fx cannot trace
         the model's top-level forward (Hugging Face models), a copy of the model itself, compressed
@@ -67,7 +76,8 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
         warnings.warn("compress: the config_list has no pruning or quantization key in any sub-config, so "
                       "nothing is compressed; add e.g. 'sparsity_per_layer' or 'quant_types'", UserWarning,
                       stacklevel=caller_stacklevel())
-    gm = _plan(model, subs, leaf_modules, concrete_args, strict, inplace)
+    gm = _plan(model, subs, leaf_modules, concrete_args, strict, inplace, fold_bn)
+    _plan_groups(gm, example_inputs)
     if module_level_reason(gm) is not None:
         plans = plans_of(gm)
         rewrite_modules(gm, plans, pending_module_masks(gm, plans, 0.0 if start_dense else 1.0))
@@ -79,6 +89,7 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     functionalize_layers(gm, finalize=False)
     rewrite_pruned_layers(gm, masks=masks, finalize=False)
     insert_fake_quant(gm, finalize=False)
+    fold_batchnorm(gm)
     gm.graph.lint()
     gm.recompile()
     if example_inputs is not None:
@@ -86,18 +97,41 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     return gm
 
 
-def plan(model: torch.nn.Module, config_list: Any, *, leaf_modules: Iterable[LeafSpec] = (),
+def plan(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequence[Any] | None = None,
+         leaf_modules: Iterable[LeafSpec] = (),
          concrete_args: dict[str, Any] | None = None, strict: bool = True,
-         inplace: bool = False) -> torch.fx.GraphModule:
+         inplace: bool = False, fold_bn: bool = True) -> torch.fx.GraphModule:
     """The dry run: trace and annotate only; ``report``/``summary`` show what ``compress`` would do.
 
-    Arguments as for :func:`compress`; the returned GraphModule computes exactly what the model does.
+    Arguments as for :func:`compress` (``example_inputs`` for the dependency groups of
+    ``out_channel``); the returned GraphModule computes exactly what the model does.
     """
-    return _plan(model, parse_config(config_list), leaf_modules, concrete_args, strict, inplace)
+    gm = _plan(model, parse_config(config_list), leaf_modules, concrete_args, strict, inplace, fold_bn)
+    _plan_groups(gm, example_inputs)
+    return gm
+
+
+def _plan_groups(gm: torch.nn.Module, example_inputs: Sequence[Any] | None) -> None:
+    """Record the dependency groups that ``out_channel`` layers prune, or warn that each is ranked alone."""
+    plans = plans_of(gm)
+    if not out_channel_layers(plans) or not needs_groups(gm, plans):
+        return
+    if module_level_reason(gm) is not None:
+        why = "the model is compressed at module level (no graph to find dependency groups in)"
+    elif example_inputs is None:
+        why = "compress was given no example_inputs to find the dependency groups with"
+    else:
+        attach_group_record(gm, example_inputs, plans)
+        return
+    warnings.warn(f"compress: granularity 'out_channel' ranks each layer's filters alone because {why}: a residual "
+                  "add or a BatchNorm can then keep a pruned channel alive, and fxcompress.speedup cannot remove it. "
+                  "Pass compress(model, config_list, example_inputs=(x,)) to prune whole dependency groups",
+                  UserWarning, stacklevel=caller_stacklevel())
 
 
 def _plan(model: torch.nn.Module, subs: tuple[SubConfig, ...], leaf_modules: Iterable[LeafSpec],
-          concrete_args: dict[str, Any] | None, strict: bool, inplace: bool) -> torch.fx.GraphModule:
+          concrete_args: dict[str, Any] | None, strict: bool, inplace: bool, fold_bn: bool = True
+          ) -> torch.fx.GraphModule:
     """Trace (or re-graph a GraphModule), annotate, run every model check; changes no module of ``model``."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compress: expected an nn.Module, got {type(model).__name__}")
@@ -116,6 +150,8 @@ def _plan(model: torch.nn.Module, subs: tuple[SubConfig, ...], leaf_modules: Ite
                 raise
             return _plan_module_level(source, subs, previous, str(err), strict)
     annotate_layers(gm, subs, previous)
+    if fold_bn:
+        mark_bn_folds(gm)
     plans = {**layer_plans(gm.graph), **unused_plans(gm, subs, gm.graph, previous)}
     check_traced(subs, plans, strict=strict)
     check_tied(gm, plans)

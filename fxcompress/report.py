@@ -12,6 +12,7 @@ import torch.fx
 
 from fxcompress.annotations import LayerPlan, plans_of
 from fxcompress.attention import resolve_layer
+from fxcompress.group_report import group_column, group_table
 from fxcompress.settings import QuantSetting
 
 __all__ = ["LayerRow", "calibration", "report", "summary"]
@@ -34,6 +35,7 @@ class LayerRow:
     quant: str
     start_step: int | None
     ranges: str
+    group: str = ""  # the dependency groups it makes channels of (out_channel with example inputs)
 
 
 def report(gm: torch.fx.GraphModule, allocated: Mapping[str, torch.Tensor] | None = None) -> list[LayerRow]:
@@ -70,7 +72,8 @@ def _row(gm: torch.nn.Module, plan: LayerPlan, allocated: torch.Tensor | None = 
     return LayerRow(name=plan.name, type_name=plan.type_name, site=site, params=params, config_index=plan.config_index,
                     overridden=plan.overridden, excluded=plan.excluded, target=_target(plan),
                     achieved_sparsity=None if pruned is None else pruned / params, pruned=pruned, quant=quant,
-                    start_step=None if q is None else q.start_step, ranges="; ".join(ranges))
+                    start_step=None if q is None else q.start_step, ranges="; ".join(ranges),
+                    group=group_column(gm, plan.name))
 
 
 def _module_or_none(gm: torch.nn.Module, name: str) -> torch.nn.Module | None:
@@ -86,6 +89,8 @@ def _site(plan: LayerPlan) -> str:
     if plan.blocked is not None:
         return "not compressed (see plan.blocked)"
     site = "graph" if plan.leaf is None else f"in leaf {plan.leaf}" if plan.leaf else "module level"
+    if plan.folds_bn is not None:
+        site += f", folds {plan.folds_bn}"
     if plan.unreachable and plan.quant is not None and plan.quant.input is not None:
         site += f" (weight only at {len(plan.unreachable)} read(s))"
     return site
@@ -114,6 +119,9 @@ def _target(plan: LayerPlan) -> str:
 def summary(gm: torch.fx.GraphModule, allocated: Mapping[str, torch.Tensor] | None = None) -> str:
     """The plan table rendered with tabulate, with a totals row (``allocated``: as for :func:`report`).
 
+    With dependency groups (``out_channel`` and example inputs) the layer table gets a ``group``
+    column and is followed by the group table (``fxcompress.group_report.group_table``).
+
     >>> print(summary(gm))  # doctest: +SKIP
     """
     rows = report(gm, allocated)
@@ -127,7 +135,14 @@ def summary(gm: torch.fx.GraphModule, allocated: Mapping[str, torch.Tensor] | No
                   f"{pruned / params:.2%}" if params and any(r.pruned is not None for r in rows) else "",
                   f"{sum(1 for r in rows if r.quant)} quantized", "", ""])
     headers = ["layer", "type", "rewritten", "#params", "config", "overrides", "target", "sparsity", "quant", "start", "ranges"]
-    return tabulate.tabulate(table, headers=headers, tablefmt="github")
+    groups = group_table(gm, allocated)
+    if not groups:
+        return tabulate.tabulate(table, headers=headers, tablefmt="github")
+    for line, r in zip(table, rows, strict=False):  # the TOTAL line has no layer
+        line.insert(7, r.group)
+    table[-1].insert(7, "")
+    headers.insert(7, "group")
+    return f"{tabulate.tabulate(table, headers=headers, tablefmt='github')}\n\nDependency groups:\n{groups}"
 
 
 @torch.no_grad()

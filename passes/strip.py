@@ -14,12 +14,14 @@ import torch
 import torch.fx
 
 from fxcompress.annotations import META_KEY, get_role
+from fxcompress.folding import bn_fold_scale, scale_bias, scale_rows, unscale_channels
 from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
 
 __all__ = ["strip_compression"]
 
 _ADDED_MODULES = (ActivationQuantizer, WeightQuantizer, StepCounter)
+FOLD_FUNCTIONS = (bn_fold_scale, scale_rows, scale_bias, unscale_channels)
 
 
 def strip_compression(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -49,5 +51,5 @@ def _added(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if get_role(node) is not None:
         return True
     if node.op == "call_function":
-        return node.target in (masked_weight, masked_bias)
+        return node.target in (masked_weight, masked_bias, *FOLD_FUNCTIONS)
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ADDED_MODULES)
