@@ -12,6 +12,8 @@ input, torch.ao's ``ConvBn2d``). As torch.ao does, the forward computes
 so the BatchNorm still normalises with its batch statistics (and updates its running ones) in
 training, while in eval ``z`` is exactly what the folded convolution computes. A channel whose
 ``s`` is 0 (``gamma`` = 0: e.g. a pruned channel) is scaled by 1 instead, so no division by zero.
+Before ``quant_start_step`` every ``s`` is 1: the model is bit-identical to the float model until
+quantization starts (the gate is a tensor computation, as the quantizers' is).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from torch import Tensor
 __all__ = ["bn_fold_scale", "scale_bias", "scale_rows", "unscale_channels"]
 
 
-def bn_fold_scale(gamma: Tensor | None, running_var: Tensor, eps: float) -> Tensor:
-    """``gamma / sqrt(running_var + eps)`` per channel (``gamma`` None: a BatchNorm without affine), 0 -> 1."""
+def bn_fold_scale(gamma: Tensor | None, running_var: Tensor, eps: float, step: Tensor, start_step: int) -> Tensor:
+    """``gamma / sqrt(running_var + eps)`` per channel (``gamma`` None: a BatchNorm without affine), 0 -> 1;
+    all ones before ``start_step`` (``step`` completed steps), so that the model computes exactly the
+    unfolded float model until quantization starts."""
     inv_std = torch.rsqrt(running_var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    folding = (scale != 0) & (step >= start_step)
+    return torch.where(folding, scale, torch.ones_like(scale))
 
 
 def scale_rows(weight: Tensor, scale: Tensor) -> Tensor:

@@ -101,7 +101,7 @@ def _fold(gm: torch.fx.GraphModule, conv: torch.fx.Node, quantizer: torch.fx.Nod
     with graph.inserting_before(quantizer):
         gamma = graph.get_attr(f"{norm_name}.weight") if norm.weight is not None else None
         scale = _added(graph.call_function(bn_fold_scale, (gamma, graph.get_attr(f"{norm_name}.running_var"),
-                                                           norm.eps)), role)
+                                                           norm.eps, quantizer.args[1], plan.quant.start_step)), role)
         quantizer.update_arg(0, _added(graph.call_function(scale_rows, (quantizer.args[0], scale)), role))
     bias = conv.args[2] if len(conv.args) > 2 else None
     if bias is not None:

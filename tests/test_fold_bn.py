@@ -57,9 +57,12 @@ def test_before_the_start_step_folding_computes_the_unfolded_model() -> None:
     folded, plain = fxcompress.compress(model(), LATE), fxcompress.compress(model(), LATE, fold_bn=False)
     for mode in (True, True, False, True, False):
         folded.train(mode), plain.train(mode)
-        assert torch.allclose(folded(X), plain(X), atol=1e-5, rtol=1e-5)
-    assert torch.allclose(folded.bn.running_mean, plain.bn.running_mean, atol=1e-6)
-    assert torch.allclose(folded.bn2.running_var, plain.bn2.running_var, atol=1e-6)
+        assert torch.equal(folded(X), plain(X))  # every fold scale is 1 until the start step: bit-identical
+    assert torch.equal(folded.bn.running_mean, plain.bn.running_mean)
+    assert torch.equal(folded.bn2.running_var, plain.bn2.running_var)
+    fxcompress.set_step(folded, 1000), fxcompress.set_step(plain, 1000)
+    folded.eval(), plain.eval()  # quantizing: the folded weight's qparams differ from the plain weight's
+    assert not torch.equal(folded(X), plain(X)) and torch.allclose(folded(X), plain(X), atol=0.1)
 
 
 def _fq_rows(w: torch.Tensor) -> torch.Tensor:
