@@ -13,6 +13,7 @@ import torch.nn.utils.prune
 
 from fxcompress.annotations import LayerPlan
 from fxcompress.attention import resolve_layer
+from fxcompress.channel_groups import group_record
 from fxcompress.errors import ConfigError
 from fxcompress.sparsity import global_masks, layer_mask
 
@@ -81,6 +82,9 @@ def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction:
 
     ``total_sparsity`` layers are allocated together per sub-config (the group of layers for
     which that sub-config is the one that applies); layers sharing one weight get one mask.
+    When compress recorded dependency groups (``granularity: 'out_channel'`` with example inputs),
+    the ``out_channel`` layers get their groups' channel masks instead, and the result also holds
+    the masks of the norms over pruned channels (keyed by the norm's name, shaped like its weight).
 
     Raises:
         ConfigError: unreachable caps, or an N:M pattern that does not fit a layer.
@@ -90,6 +94,11 @@ def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction:
     owners = [n for n in pruned if tied.get(n, [n])[0] == n]
     masks: dict[str, torch.Tensor] = {}
     groups: dict[int, dict[str, torch.Tensor]] = {}
+    record = group_record(gm)
+    if record is not None:
+        grouped = [n for n in owners if plans[n].prune.granularity == "out_channel"]
+        masks.update(record.masks(gm, grouped, fraction))
+        owners = [n for n in owners if n not in grouped]
     for name in owners:
         plan = plans[name]
         weight = effective_weight(resolve_layer(gm, name))
@@ -101,7 +110,7 @@ def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction:
         setting = plans[next(iter(weights))].prune
         masks.update(global_masks(weights, setting, f"config_list[{index}]", fraction))
     # a tied layer that is not its weight's first holder shares that holder's mask
-    return {name: masks[tied[name][0] if name in tied else name] for name in pruned}
+    return {**masks, **{name: masks[tied[name][0] if name in tied else name] for name in pruned}}
 
 
 @torch.no_grad()

@@ -7,14 +7,15 @@ run and device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from fxcompress.errors import ConfigError
 from fxcompress.settings import PruneSetting, ratio_floor
 
-__all__ = ["global_masks", "kth_smallest", "layer_mask", "lowest_k_mask", "n_m_mask", "schedule_fraction", "scores"]
+__all__ = ["global_masks", "kth_smallest", "layer_mask", "lowest_k_mask", "n_m_mask", "partition_mask", "schedule_fraction",
+           "scores"]
 
 
 def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,6 +108,22 @@ def layer_mask(weight: torch.Tensor, setting: PruneSetting, name: str, fraction:
         return lowest_k_mask(score, ratio_floor(sparsity, weight.numel()))
     keep_rows = lowest_k_mask(score, ratio_floor(sparsity, weight.shape[0]))
     return keep_rows.reshape(-1, *([1] * (weight.dim() - 1))).expand(weight.shape).clone()
+
+
+def partition_mask(score: torch.Tensor, partitions: Sequence[Sequence[int]], sparsity: float) -> torch.Tensor:
+    """A bool keep-mask over a group's channels: exactly ``floor(sparsity · n)`` of each partition's ``n``
+    channels pruned, the lowest scores of that partition first (ties in channel order).
+
+    One partition holding every channel is the plain case: ``floor(s·C)`` of ``C``.
+
+    >>> partition_mask(torch.tensor([3., 1., 2., 0.]), [[0, 1], [2, 3]], 0.5).tolist()
+    [True, False, True, False]
+    """
+    keep = torch.ones(score.shape[0], dtype=torch.bool)
+    for part in partitions:
+        index = torch.as_tensor(list(part), dtype=torch.long)
+        keep[index] = lowest_k_mask(score[index], ratio_floor(sparsity, len(index)))
+    return keep
 
 
 def global_masks(weights: Mapping[str, torch.Tensor], setting: PruneSetting, where: str,

@@ -18,7 +18,7 @@ from torch.fx.node import map_aggregate
 
 from fxcompress.passes.channel_flow import Axis, Layout, Ledger, axis_field, shift_axis
 
-__all__ = ["ChannelWalk", "Operand", "Rule", "walk_channels"]
+__all__ = ["ChannelWalk", "Operand", "Rule", "run_walk", "walk_channels"]
 
 Operand = tuple[str, tuple[int, ...], Layout]  # (where its channels come from, shape, layout)
 Rule = Callable[["ChannelWalk", torch.fx.Node, Any], Any]
@@ -32,10 +32,13 @@ class ChannelWalk(torch.fx.Interpreter):
         super().__init__(gm)
         self.ledger = Ledger()
         self.layouts: dict[torch.fx.Node, Any] = {}
+        self.shapes: dict[torch.fx.Node, torch.Size] = {}  # each tensor-valued node's output shape
         self._resolve = resolve
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = out.shape
         if n.op == "output":
             returned = map_aggregate(n.args[0], lambda a: self.layout(a, materialize=False)
                                      if isinstance(a, torch.fx.Node) else None)
@@ -175,6 +178,12 @@ def unknown_op(walk: ChannelWalk, n: torch.fx.Node, out: Any) -> Any:
 def walk_channels(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                   resolve: Callable[[torch.fx.Node, ChannelWalk], Rule | None]) -> Ledger:
     """Run ``gm`` once in eval mode without gradients (nothing in the model changes) and return the ledger."""
+    return run_walk(gm, example_inputs, resolve).ledger
+
+
+def run_walk(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+             resolve: Callable[[torch.fx.Node, ChannelWalk], Rule | None]) -> ChannelWalk:
+    """As :func:`walk_channels`, returning the whole walk: its ledger, each node's layout and shape."""
     modes = {m: m.training for m in gm.modules()}
     walk = ChannelWalk(gm, resolve)
     try:
@@ -184,7 +193,7 @@ def walk_channels(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return walk.ledger
+    return walk
 
 
 def _reads_shape_only(n: torch.fx.Node) -> bool:

@@ -35,9 +35,9 @@ import torch.fx
 from fxcompress.passes.channel_flow import Ledger
 from fxcompress.passes.channel_layers import LAYER_FUNCTION_RULES, LAYER_MODULE_RULES
 from fxcompress.passes.channel_ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, select_item
-from fxcompress.passes.channel_walk import ChannelWalk, Rule, walk_channels
+from fxcompress.passes.channel_walk import ChannelWalk, Rule, run_walk
 
-__all__ = ["ChannelGroup", "Member", "dependency_graph", "dependency_groups"]
+__all__ = ["ChannelAnalysis", "ChannelGroup", "Member", "analyze_channels", "dependency_graph", "dependency_groups"]
 
 _MODULES = {**MODULE_RULES, **LAYER_MODULE_RULES}
 _FUNCTIONS = {**FUNCTION_RULES, **LAYER_FUNCTION_RULES}
@@ -99,6 +99,23 @@ class ChannelGroup:
         return self.blocked_by is None
 
 
+@dataclass(frozen=True, eq=False)
+class ChannelAnalysis:
+    """The groups, and where their channels are in every tensor of the graph (what ``speedup`` edits).
+
+    ``layouts``: per fx node, its output's :class:`~fxcompress.passes.channel_flow.Layout` (a tuple of
+    them for an op returning several tensors); ``shapes``: per tensor-valued node, its output shape on
+    the example inputs. A layout's slots are mapped to groups by ``slot_group`` (the group id, -1 for a
+    slot in no group) and ``slot_channel`` (the channel's number in its group).
+    """
+
+    groups: list[ChannelGroup]
+    layouts: dict[torch.fx.Node, Any]
+    shapes: dict[torch.fx.Node, torch.Size]
+    slot_group: torch.Tensor
+    slot_channel: torch.Tensor
+
+
 def dependency_graph(gm: torch.fx.GraphModule, example_inputs: torch.Tensor | Sequence[Any]) -> nx.Graph:
     """The channel dependency graph: a node per set of channels made at once (a layer's output
     channels, one dim of a parameter, channels from outside), an edge where an op ties them.
@@ -135,18 +152,28 @@ def dependency_groups(gm: torch.fx.GraphModule, example_inputs: torch.Tensor | S
         ...                                                         torch.randn(1, 3, 8, 8))]
         [(3, 'x'), (8, 'output')]
     """
-    ledger = _walk(gm, example_inputs)
-    roots = _classes(ledger)
-    _, bundle_group = _bundle_graph(ledger, roots)
-    return _assemble(ledger, roots, bundle_group)
+    return analyze_channels(gm, example_inputs).groups
+
+
+def analyze_channels(gm: torch.fx.GraphModule, example_inputs: torch.Tensor | Sequence[Any]) -> ChannelAnalysis:
+    """:func:`dependency_groups` with each node's channel layout and shape (arguments as there)."""
+    walk = _run(gm, example_inputs)
+    roots = _classes(walk.ledger)
+    _, bundle_group = _bundle_graph(walk.ledger, roots)
+    groups, slot_group, slot_channel = _assemble(walk.ledger, roots, bundle_group)
+    return ChannelAnalysis(groups, walk.layouts, walk.shapes, slot_group, slot_channel)
 
 
 def _walk(gm: torch.fx.GraphModule, example_inputs: torch.Tensor | Sequence[Any]) -> Ledger:
+    return _run(gm, example_inputs).ledger
+
+
+def _run(gm: torch.fx.GraphModule, example_inputs: torch.Tensor | Sequence[Any]) -> ChannelWalk:
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"dependency groups need a torch.fx.GraphModule (fxcompress.tracing.trace(model)), "
                         f"got {type(gm).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    return walk_channels(gm, inputs, _resolve)
+    return run_walk(gm, inputs, _resolve)
 
 
 def _resolve(n: torch.fx.Node, walk: ChannelWalk) -> Rule | None:
@@ -212,8 +239,10 @@ def _bundle_of(ledger: Ledger, slots: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(starts, slots.contiguous(), right=True) - 1
 
 
-def _assemble(ledger: Ledger, roots: list[int], bundle_group: list[int]) -> list[ChannelGroup]:
-    """Number each group's channels (in order of creation) and gather its members, blocks and parts."""
+def _assemble(ledger: Ledger, roots: list[int], bundle_group: list[int]
+              ) -> tuple[list[ChannelGroup], torch.Tensor, torch.Tensor]:
+    """Number each group's channels (in order of creation) and gather its members, blocks and parts;
+    also each slot's group id (-1: none) and channel number."""
     root_of = torch.tensor(roots, dtype=torch.long)
     group_of = torch.tensor(bundle_group, dtype=torch.long)[_bundle_of(ledger, root_of)] if roots else root_of
     groups_list, numbers, sizes = group_of.tolist(), [0] * len(roots), Counter()
@@ -237,17 +266,19 @@ def _assemble(ledger: Ledger, roots: list[int], bundle_group: list[int]) -> list
         families[int(group_of[cells[0, 0]])].append((channel_of[cells].tolist(), why))
     nodes, reorders, stats = (_named(records, group_of, sizes)
                               for records in (ledger.carriers, ledger.reorders, ledger.statistics))
-    groups = []
+    groups, ids = [], {}
     for g in sorted(sizes):
         if not any(m.role in ("in", "out") for m in members[g]):
             continue  # parameters that never meet a layer's channels
+        ids[g] = len(groups)
         parts = _partitions(sizes[g], [cells for cells, _ in families[g]])
         if parts is None:  # parts that cannot all be kept equal
             blocked.setdefault(g, next(why for _, why in families[g]))
             parts = (tuple(range(sizes[g])),)
         groups.append(ChannelGroup(len(groups), sizes[g], parts, tuple(members[g]), blocked.get(g), nodes[g],
                                    reorders[g], stats[g]))
-    return groups
+    to_id = torch.tensor([ids.get(c, -1) for c in range(max(sizes, default=-1) + 1)], dtype=torch.long)
+    return groups, to_id[group_of] if roots else group_of, channel_of
 
 
 def _named(records: list[tuple[str, torch.Tensor]], group_of: torch.Tensor, sizes: Counter

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from fxcompress.annotations import LayerPlan, NodeRole, get_plan, get_role, layer_plans, set_role
 from fxcompress.attention import resolve_layer
+from fxcompress.channel_groups import group_record, masked_channels
 from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.pruning import compute_masks, install_masks
 
@@ -51,10 +53,40 @@ def rewrite_pruned_layers(gm: torch.fx.GraphModule, fraction: float = 1.0, *,
         plan = get_plan(node)
         if node.op == "get_attr" and plan is not None and plan.prune is not None and plan.compressed:
             _mask_read(gm.graph, node, plan)
+    _mask_norm_outputs(gm)
     if finalize:  # compress() runs the passes back to back and finalizes once
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _mask_norm_outputs(gm: torch.fx.GraphModule) -> None:
+    """Zero the pruned channels after each norm of a pruned group (its weight and bias masked, in effect)."""
+    record = group_record(gm)
+    norms = {n for p in (record.plans if record is not None else ()) if p.prune is not None for n in p.norms}
+    for node in list(gm.graph.nodes):
+        name = _norm_called(node)
+        if name not in norms or "weight_mask" not in gm.get_submodule(name)._buffers:
+            continue
+        if any(get_role(u) == NodeRole(name, "weight_mask") for u in node.users):
+            continue  # already masked: the pass is idempotent
+        with gm.graph.inserting_after(node):
+            mask = gm.graph.get_attr(f"{name}.weight_mask")
+        with gm.graph.inserting_after(mask):
+            masked = gm.graph.call_function(masked_channels, (node, mask))
+        set_role(masked, NodeRole(name, "weight_mask"))
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+
+
+def _norm_called(node: torch.fx.Node) -> str | None:
+    """The norm module a node runs: a module call, or ``F.batch_norm``/``F.instance_norm`` on its weight."""
+    if node.op == "call_module":
+        return node.target
+    if node.op == "call_function" and node.target in (F.batch_norm, F.instance_norm):
+        for a in (*node.args, *node.kwargs.values()):
+            if isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target.endswith(".weight"):
+                return a.target.rpartition(".")[0]
+    return None
 
 
 def _mask_read(graph: torch.fx.Graph, read: torch.fx.Node, plan: LayerPlan) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from fxcompress.annotations import META_KEY, get_role
+from fxcompress.channel_groups import masked_channels
 from fxcompress.folding import bn_fold_scale, scale_bias, scale_rows, unscale_channels
 from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
