@@ -6,6 +6,7 @@ from fxcompress.config_file import load_config
 from fxcompress.distributed import sync_ranges
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.report import calibration, report, summary
+from fxcompress.shrinking import SpeedupError, speedup, speedup_from_state_dict
 from fxcompress.training import (
     SparsityScheduler,
     apply_masks,
@@ -19,6 +20,7 @@ from fxcompress.training import (
 __all__ = [
     "ConfigError",
     "SparsityScheduler",
+    "SpeedupError",
     "TraceError",
     "apply_masks",
     "attach_optimizer",
@@ -33,6 +35,8 @@ __all__ = [
     "select",
     "set_step",
     "summary",
+    "speedup",
+    "speedup_from_state_dict",
     "sync_ranges",
     "trace",
     "update_masks",

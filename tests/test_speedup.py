@@ -1,0 +1,311 @@
+"""Group masks for ``granularity: 'out_channel'`` and ``speedup``: counts per group written out by hand,
+exactness of the shrunk model against the masked one, and the errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxcompress
+from fxcompress.group_report import group_report
+from fxcompress.settings import ratio_floor
+
+from .test_dependencies import (
+    Add,
+    Blocked,
+    Cat,
+    Chunk,
+    Depthwise,
+    FlattenLinear,
+    Grouped,
+    Heads,
+    Norms,
+    Shuffle,
+    SqueezeExcite,
+)
+
+OC = [{"op_types": ["Conv2d", "Linear"], "sparsity_per_layer": 0.5, "granularity": "out_channel"}]
+
+
+def _compress(model: nn.Module, x: torch.Tensor, config: list | None = None, **kw: object) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    return fxcompress.compress(model.eval(), config or OC, example_inputs=(x,), **kw)
+
+
+def _rows_pruned(gm: nn.Module, layer: str) -> list[int]:
+    mask = fxcompress.masks(gm)[layer]
+    return (~mask.reshape(mask.shape[0], -1).any(dim=1)).nonzero().squeeze(1).tolist()
+
+
+def _filter_l1(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).sum(dim=1)
+
+
+class Residual(nn.Module):
+    """Two convs joined by a residual add, each with its BatchNorm, read by a last conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.relu(self.bn_a(self.a(x)) + self.bn_b(self.b(x))))
+
+
+def _randomize_norms(model: nn.Module) -> nn.Module:
+    """Norm parameters and statistics away from their init, so that an unmasked shift would show."""
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+# ---- group masks -------------------------------------------------------------------------------
+
+def test_a_residual_group_gets_one_mask_ranked_by_summed_filter_scores() -> None:
+    model = _randomize_norms(Residual())
+    gm = _compress(model, torch.randn(2, 3, 6, 6))
+    score = _filter_l1(model.a) + _filter_l1(model.b)  # summed over the group's filters, by hand
+    expected = sorted(torch.argsort(score, stable=True)[:4].tolist())  # floor(0.5 * 8)
+    assert _rows_pruned(gm, "a") == _rows_pruned(gm, "b") == expected
+    assert _rows_pruned(gm, "c") == []  # its channels are the output: blocked
+    for bn in ("bn_a", "bn_b"):  # the norms over the pruned channels are masked too
+        norm = gm.get_submodule(bn)
+        assert (norm.weight_mask == 0).nonzero().squeeze(1).tolist() == expected
+        assert (norm.bias_mask == 0).nonzero().squeeze(1).tolist() == expected
+        assert not norm.weight.detach()[expected].any() and not norm.bias.detach()[expected].any()
+    rows = {r.layers: r for r in group_report(gm)}
+    assert rows[("a", "b")].pruned == 4 and rows[("a", "b")].status == "pruned"
+    assert rows[("c",)].status == "not pruned: blocked by 'output': the model returns these channels"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_pruned_channels_are_exactly_zero_after_their_norm_in_both_modes(mode: str) -> None:
+    model = _randomize_norms(Residual())
+    gm = _compress(model, torch.randn(2, 3, 6, 6)).train(mode == "train")
+    seen = []
+    gm.get_submodule("relu").register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    gm(torch.randn(4, 3, 6, 6))
+    pruned = _rows_pruned(gm, "a")
+    kept = [c for c in range(8) if c not in pruned]
+    assert len(pruned) == 4 and not seen[0][:, pruned].any() and bool(seen[0][:, kept].any(dim=(0, 2, 3)).all())
+
+
+def test_grouped_conv_prunes_equally_many_in_each_partition() -> None:
+    model = Grouped()
+    gm = _compress(model, torch.randn(1, 3, 5, 5))
+    pruned_a = _rows_pruned(gm, "a")  # 8 channels in 4 parts of 2: floor(0.5 * 2) = 1 per part
+    assert [sum(c in pruned_a for c in (2 * p, 2 * p + 1)) for p in range(4)] == [1, 1, 1, 1]
+    score = _filter_l1(model.a)
+    assert pruned_a == [min((2 * p, 2 * p + 1), key=lambda c: (float(score[c]), c)) for p in range(4)]
+    pruned_g = _rows_pruned(gm, "g")  # 12 channels in 4 parts of 3: floor(0.5 * 3) = 1 per part
+    assert [sum(c in pruned_g for c in range(3 * p, 3 * p + 3)) for p in range(4)] == [1, 1, 1, 1]
+    assert {r.layers: r.partitions for r in group_report(gm)}[("g",)] == 4
+
+
+def test_a_group_the_config_only_partly_selects_is_not_pruned_and_the_plan_says_so() -> None:
+    gm = _compress(Add(), torch.randn(1, 3, 6, 6), [{"op_names": ["a"], "sparsity_per_layer": 0.5,
+                                                      "granularity": "out_channel"}])
+    assert _rows_pruned(gm, "a") == []
+    (row,) = group_report(gm)
+    assert row.layers == ("a", "b") and row.pruned == 0
+    assert row.status.startswith("not pruned: partly selected: 'b' also make")
+    assert {r.name: r.group for r in fxcompress.report(gm)} == {"a": f"{row.id} (not pruned)"}
+    text = fxcompress.summary(gm)
+    assert "| group " in text and f"{row.id} (not pruned)" in text and "partly selected" in text
+
+
+def test_a_blocked_group_is_not_pruned_and_the_plan_names_the_node() -> None:
+    gm = _compress(Blocked("function"), torch.randn(1, 3, 4, 4))
+    rows = {r.layers: r.status for r in group_report(gm)}
+    assert rows[("a",)] == "not pruned: blocked by node 'mystery', which reads these channels in a way that cannot shrink"
+    assert _rows_pruned(gm, "a") == []
+
+
+def test_groups_a_layer_norm_or_group_norm_averages_over_are_not_pruned() -> None:
+    gm = _compress(_randomize_norms(Norms()), torch.randn(2, 3, 4, 4))
+    rows = {r.layers: r.status for r in group_report(gm)}
+    assert rows[("conv",)] == "pruned"
+    assert rows[("conv2",)].startswith("not pruned: 'gn' (a LayerNorm/GroupNorm) averages across these channels")
+    assert rows[("fc",)].startswith("not pruned: 'ln' (a LayerNorm/GroupNorm)")
+    assert _rows_pruned(gm, "fc") == [] and len(_rows_pruned(gm, "conv")) == 4
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+def test_the_plan_shows_group_ids_and_the_params_and_flops_each_group_removes() -> None:
+    gm = _compress(Chain(), torch.randn(1, 3, 6, 6))
+    (row, head) = group_report(gm)
+    # conv1 loses 4 of 8 filters (4 * 27 weights + 4 biases), conv2 4 of its 8 input columns (4 * 4)
+    assert (row.layers, row.channels, row.pruned, row.params_removed) == (("conv1",), 8, 4, 4 * 27 + 4 + 4 * 4)
+    # multiply-accumulates on the 1x3x6x6 input: conv1 288 outputs x 27, conv2 144 outputs x 8; half of each
+    assert row.flops_removed == 2 * (288 * 27 // 2 + 144 * 8 // 2)
+    assert head.status.startswith("not pruned: blocked by 'output'")
+    rows = {r.name: r.group for r in fxcompress.report(gm)}
+    assert rows == {"conv1": str(row.id), "conv2": f"{head.id} (not pruned)"}
+    text = fxcompress.summary(gm)
+    assert "| group " in text and "Dependency groups:" in text
+    assert re.search(r"\|\s+128\s+\|\s+8928\s+\| pruned", text)
+
+
+def test_without_example_inputs_out_channel_ranks_each_layer_alone_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match=r"ranks each layer's filters alone because compress was given no "
+                                         r"example_inputs.*example_inputs=\(x,\)"):
+        gm = fxcompress.compress(_randomize_norms(Residual()).eval(), OC)
+    assert not hasattr(gm, "fxcompress_groups") and "weight_mask" not in gm.bn_a._buffers
+    assert len(_rows_pruned(gm, "a")) == 4 and len(_rows_pruned(gm, "c")) == 2  # per layer, as before
+
+
+def test_a_schedule_ramps_whole_groups() -> None:
+    gm = _compress(_randomize_norms(Residual()), torch.randn(2, 3, 6, 6), start_dense=True)
+    assert _rows_pruned(gm, "a") == []
+    sched = fxcompress.SparsityScheduler(gm, start_step=0, end_step=3, frequency=1, kind="linear")
+    previous: set[int] = set()
+    for step in range(3):
+        sched.step()
+        pruned = _rows_pruned(gm, "a")
+        assert pruned == _rows_pruned(gm, "b") and previous <= set(pruned)  # one mask, only growing
+        assert len(pruned) == ratio_floor(0.5 * (step + 1) / 3, 8)
+        assert (gm.bn_b.weight_mask == 0).nonzero().squeeze(1).tolist() == pruned
+        previous = set(pruned)
+
+
+# ---- speedup on hand-built models --------------------------------------------------------------
+
+class Shrinkable(nn.Module):
+    """Stem + BatchNorm, a depthwise conv, a residual add, a cat shuffled, squeeze-excitation, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn_dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.side = nn.Conv2d(8, 8, 1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.shuffle = nn.ChannelShuffle(2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.stem(x)))
+        y = F.relu(self.bn_dw(self.dw(y))) + y
+        y = self.shuffle(torch.cat([y, F.relu(self.side(y))], dim=1))
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class SigmoidInto(nn.Module):
+    """A pruned channel reaches the next layer as sigmoid(0) = 0.5: a constant folded into its bias."""
+
+    def __init__(self, kernel: int = 1, padding: int = 0, bias: bool = True, linear: bool = False) -> None:
+        super().__init__()
+        self.linear = linear
+        self.a = nn.Linear(6, 8) if linear else nn.Conv2d(3, 8, 3)
+        self.b = nn.Linear(8, 4, bias=bias) if linear else nn.Conv2d(8, 4, kernel, padding=padding, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.sigmoid(self.a(x)))
+
+
+def _input(model: nn.Module) -> torch.Tensor:
+    shapes = {Heads: (2, 5, 8), SigmoidInto: (2, 3, 7, 7), FlattenLinear: (2, 3, 5, 5)}
+    if isinstance(model, SigmoidInto) and model.linear:
+        return torch.randn(3, 6)
+    return torch.randn(*shapes.get(type(model), (2, 3, 6, 6)))
+
+
+#: model -> its parameter count after speedup at 50%, worked out by hand from each layer's kept sizes
+HAND_BUILT = {
+    "residual": (lambda: _randomize_norms(Residual()),
+                 (4 * 3 * 9 + 4) + (4 * 3 + 4) + 2 * (4 + 4) + (4 * 4 + 4)),
+    "cat": (Cat, (2 * 3 + 2) + (3 * 3 + 3) + (5 * 5 + 5)),
+    "chunk": (lambda: Chunk(), (4 * 3 + 4) + (2 * 4 + 2 + 2)),
+    "split": (lambda: Chunk([3, 5]), (4 * 3 + 4) + (2 * 4 + 2 + 2)),  # b and c read the 4 kept between them
+    "depthwise": (lambda: Depthwise(), (4 * 3 + 4) + (4 * 9 + 4) + (2 * 4 + 2)),
+    "depthwise-x2": (lambda: Depthwise(2), (4 * 3 + 4) + (8 * 9 + 8) + (2 * 8 + 2)),
+    "grouped": (Grouped, (4 * 3 + 4) + (8 * 1 * 9 + 8) + (2 * 8 + 2)),
+    "squeeze-excite": (SqueezeExcite, (4 * 27 + 4) + (1 * 4 + 1) + (4 * 1 + 4) + (4 * 4 + 4)),
+    "flatten-linear": (FlattenLinear, (2 * 27 + 2) + (10 * 18 + 10)),
+    "shuffle": (lambda: Shuffle(), 2 * (2 * 3 + 2) + (2 * 4 + 2)),
+    "nn.ChannelShuffle": (lambda: Shuffle(True), 2 * (2 * 3 + 2) + (2 * 4 + 2)),
+    "heads": (lambda: Heads(), 2 * (4 * 8 + 4) + (4 * 8 + 4) + (8 * 4 + 8)),
+    "packed-heads": (lambda: Heads(packed=True), (12 * 8 + 12) + (8 * 4 + 8)),
+    # one group of 16 (SE ties the shuffled cat), stem keeping s and side d of them, s + d = 8:
+    # stem 27s, two norms 4s, dw 9s, side s*d + d, fc1 2*8 + 2, fc2 8*2 + 8, head 5*8 + 5
+    "shrinkable": (lambda: _randomize_norms(Shrinkable()),
+                   lambda s, d: 27 * s + 4 * s + 9 * s + s * d + d + 18 + 24 + 45),
+    "sigmoid-into-conv": (lambda: SigmoidInto(), (4 * 27 + 4) + (4 * 4 + 4)),
+    "sigmoid-into-biasless-conv": (lambda: SigmoidInto(bias=False), (4 * 27 + 4) + (4 * 4 + 4)),
+    "sigmoid-into-linear": (lambda: SigmoidInto(linear=True), (4 * 6 + 4) + (4 * 4 + 4)),
+}
+
+
+def _assert_same(fast: nn.Module, gm: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected, got = gm.eval()(x), fast.eval()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("name", list(HAND_BUILT))
+def test_speedup_equals_the_masked_model_with_the_kept_sizes(name: str) -> None:
+    make, params = HAND_BUILT[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = _input(model)
+    gm = _compress(model, x)
+    fast = fxcompress.speedup(gm)
+    fast.graph.lint()
+    _assert_same(fast, gm, x)
+    if callable(params):  # counts that depend on which layer's channels the ranking picked
+        params = params(*(8 - len(_rows_pruned(gm, layer)) for layer in ("stem", "side")))
+    assert sum(p.numel() for p in fast.parameters()) == params
+    assert not any(n.endswith("_mask") for n, _ in fast.named_buffers())
+    assert "masked" not in fast.code
+
+
+def test_a_folded_constant_lands_in_the_next_bias() -> None:
+    torch.manual_seed(0)
+    model = SigmoidInto(bias=False).eval()
+    gm = _compress(model, _input(model))
+    pruned = _rows_pruned(gm, "a")
+    fast = fxcompress.speedup(gm)
+    kept = [c for c in range(8) if c not in pruned]
+    expected = 0.5 * model.b.weight.detach()[:, pruned].sum(dim=(1, 2, 3))  # sigmoid(0) times the removed columns
+    torch.testing.assert_close(fast.b.bias.detach(), expected)
+    torch.testing.assert_close(fast.b.weight.detach(), model.b.weight.detach()[:, kept])
+
+
+def test_speedup_keeps_the_model_unchanged_and_the_modes() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(Shrinkable()).eval()
+    x = _input(model)
+    gm = _compress(model, x).train()
+    state, code = copy.deepcopy(gm.state_dict()), gm.code
+    fast = fxcompress.speedup(gm)
+    assert gm.code == code
+    assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items() if isinstance(v, torch.Tensor))
+    assert fast.training and fast.bn.training
+    fast.train()(x)  # train mode: batch statistics, running stats move
+    assert not torch.equal(fast.bn.running_mean, torch.zeros_like(fast.bn.running_mean))
