@@ -3,6 +3,7 @@
 from fxcompress.api import compress, plan, select, trace
 from fxcompress.config import parse_config
 from fxcompress.config_file import load_config
+from fxcompress.deploy import export_model, export_onnx, finalize
 from fxcompress.distributed import sync_ranges
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.report import calibration, report, summary
@@ -26,6 +27,9 @@ __all__ = [
     "attach_optimizer",
     "calibration",
     "compress",
+    "export_model",
+    "export_onnx",
+    "finalize",
     "get_step",
     "load_config",
     "masks",
