@@ -7,6 +7,9 @@ layer, ``weight_bits`` / ``weight_scale`` / ``weight_zero_point``, ``input_bits`
 tracked range into a scale, so fxcompress adds ``{kind}_scheme`` and ``{kind}_dtype`` (NNI 3's
 names) and an activation's ``{kind}_scale`` / ``{kind}_zero_point`` (SPEC §5's formula applied to
 the tracked range): with them a consumer reproduces the fake-quant model from the two files alone.
+A conv whose BatchNorm is folded for QAT (``plan.folds_bn``) has ``weight_folded_bn``, the
+BatchNorm's name: its weight fields describe the folded weight ``w * gamma / sqrt(running_var + eps)``
+(SPEC §5), which the consumer computes from the state dict's conv and BatchNorm entries.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def nni_calibration(gm: nn.Module) -> dict[str, dict[str, Any]]:
                 scale, zero_point = q.current_qparams(weights[path])
                 fields.update(weight_bits=q.bits, weight_scale=scale.tolist(),
                               weight_zero_point=[int(v) for v in zero_point.reshape(-1).tolist()])
+                if plan.folds_bn is not None:  # the fields describe w * gamma / sqrt(running_var + eps)
+                    fields["weight_folded_bn"] = plan.folds_bn
             else:
                 scale, zero_point = qparams(q.tracked_min, q.tracked_max, q.qmin, q.qmax, q.symmetric)
                 fields.update({f"{kind}_bits": q.bits, f"tracked_min_{kind}": float(q.tracked_min),

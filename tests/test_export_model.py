@@ -44,10 +44,11 @@ def fake_quantize_activation(fields: dict, kind: str, x: torch.Tensor) -> torch.
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
 
-def reproduce(model: nn.Module, state_path: str, calibration_path: str) -> nn.Module:
+def reproduce(model: nn.Module, state_path: str | None, calibration_path: str) -> nn.Module:
     """Load the state dict into a fresh original model, then fake-quantize as the calibration says:
     each weight once (it is constant), inputs and outputs with hooks."""
-    model.load_state_dict(torch.load(state_path, weights_only=True))
+    if state_path is not None:
+        model.load_state_dict(torch.load(state_path, weights_only=True))
     calibration = torch.load(calibration_path, weights_only=True)
     for name, fields in calibration.items():
         layer = model.get_submodule(name)
@@ -166,3 +167,37 @@ def test_what_was_never_compressed_is_refused(tmp_path) -> None:
                                         "SeedModel that was never compressed"):
         fxcompress.export_model(SeedModel(), str(tmp_path / "model.pth"))
     assert not list(tmp_path.iterdir())
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_a_folded_batchnorm_is_named_and_a_consumer_folds_it_the_same_way(tmp_path) -> None:
+    torch.manual_seed(0)
+    gm = fxcompress.compress(ConvBN(), [{"op_types": ["Conv2d", "Linear"], "sparsity_per_layer": 0.5,
+                                         "quant_types": ["input", "weight"], "quant_bits": 8, "quant_start_step": 1}])
+    train_forwards(gm, [(torch.randn(4, 3, 6, 6),) for _ in range(3)])
+    state_path, calibration_path = str(tmp_path / "model.pth"), str(tmp_path / "calibration.pth")
+    calibration = fxcompress.export_model(gm, state_path, calibration_path)
+    assert calibration["conv"]["weight_folded_bn"] == "bn" and "weight_folded_bn" not in calibration["fc"]
+    # the consumer folds the BatchNorm into the conv (the deployed model has none), then quantizes the folded weight
+    model = ConvBN()
+    model.load_state_dict(torch.load(state_path, weights_only=True))
+    with torch.no_grad():
+        bn, conv = model.bn, model.conv
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.copy_(conv.weight * s.reshape(-1, 1, 1, 1))
+        conv.bias.copy_((conv.bias - bn.running_mean) * s + bn.bias)
+    model.bn = nn.Identity()
+    consumer = reproduce(model, None, calibration_path)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(consumer(x), gm(x), rtol=1e-4, atol=1e-5)
