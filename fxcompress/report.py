@@ -151,7 +151,8 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
 
     Fields: ``weight_bits``, ``weight_scale``, ``weight_zero_point``, ``input_bits``,
     ``tracked_min_input``, ``tracked_max_input``, ``output_bits``, ``tracked_min_output``,
-    ``tracked_max_output`` (for the quantized types of each layer), plus ``input_observed`` /
+    ``tracked_max_output`` (for the quantized types of each layer), ``weight_folded_bn`` (the
+    BatchNorm folded into the weight those fields describe, with Conv-BN folding), plus ``input_observed`` /
     ``output_observed``: False for an activation quantizer that has not yet observed a batch with
     a finite min and max (it passes its input through unchanged), whose tracked range is then
     None rather than a made-up ``[0, 0]``.
@@ -165,6 +166,9 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
     >>> calibration(gm)["fc1"]["input_observed"]  # doctest: +SKIP
     True
     """
+    from fxcompress.passes.freeze import weight_quantizer_inputs  # the passes import this module
+
+    seen = weight_quantizer_inputs(gm)
     out: dict[str, dict[str, Any]] = {}
     for name, plan in plans_of(gm).items():
         if plan.quant is None or not plan.compressed:  # unused or blocked: no quantizer to read
@@ -172,10 +176,14 @@ def calibration(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
         layer = gm.get_submodule(name)
         fields: dict[str, Any] = {}
         if plan.quant.weight is not None:
-            # pruned entries are held at zero, so the raw weight is what the quantizer sees
-            scale, zero_point = layer.weight_quantizer.current_qparams(layer.weight)
+            # what the quantizer sees: the masked weight (a stored pruned entry may have moved), or
+            # with Conv-BN folding the folded one, w * gamma / sqrt(running_var + eps) (SPEC §5)
+            weight = seen.get(f"{name}.weight_quantizer", layer.weight)
+            scale, zero_point = layer.weight_quantizer.current_qparams(weight)
             fields.update(weight_bits=plan.quant.weight.bits, weight_scale=scale.tolist(),
                           weight_zero_point=[int(v) for v in zero_point.tolist()])
+            if plan.folds_bn is not None:
+                fields["weight_folded_bn"] = plan.folds_bn
         for kind in ("input", "output"):
             quantizer = getattr(layer, f"{kind}_quantizer", None)
             if quantizer is not None:

@@ -143,3 +143,22 @@ def test_output_quantizer_moves_after_the_batchnorm(mode: str) -> None:
     q = gm.conv.output_quantizer  # it observed the BatchNorm's output (the first observation is taken as is)
     assert float(q.tracked_min) == min(float(seen[0].min()), 0.0) or float(q.tracked_min) == float(seen[0].min())
     assert float(q.tracked_max) == float(seen[0].max())
+
+
+def test_calibration_describes_the_weight_the_quantizer_sees() -> None:
+    """With folding, the weight fields are those of w·γ/σ and name the BatchNorm (SPEC §5); a stored
+    pruned entry that was written to afterwards does not count (the quantizer sees the masked weight)."""
+    cfg = [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5, "quant_types": ["weight", "input"], "quant_bits": 8}]
+    gm = fxcompress.compress(model(), cfg)
+    with torch.no_grad():
+        gm.conv.weight[gm.conv.weight_mask == 0] = 100.0  # written from outside; never acts
+    fields = fxcompress.calibration(gm)
+    bn = gm.bn
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    folded = (gm.conv.weight * gm.conv.weight_mask) * s.reshape(-1, 1, 1, 1)
+    expected = folded.reshape(8, -1).abs().amax(dim=1) / 127.0
+    assert fields["conv"]["weight_folded_bn"] == "bn" and "weight_folded_bn" not in fields["side"]
+    assert torch.allclose(torch.tensor(fields["conv"]["weight_scale"]), expected, rtol=1e-6)
+    side = gm.side.weight * gm.side.weight_mask
+    assert torch.allclose(torch.tensor(fields["side"]["weight_scale"]),
+                          side.reshape(4, -1).abs().amax(dim=1) / 127.0, rtol=1e-6)
