@@ -144,7 +144,7 @@ def _keep_a_filter_each(keep: Tensor, score: Tensor, plan: GroupPlan) -> Tensor:
             owners.setdefault(c, []).append(layer)
     part_of = {c: p for p, part in enumerate(plan.group.partitions) for c in part}
     keep = keep.clone()
-    for layer, channels in own.items():
+    for channels in own.values():
         if any(bool(keep[c]) for c in channels):
             continue
         best = max(sorted(channels), key=lambda c: float(score[c]))

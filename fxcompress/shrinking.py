@@ -33,6 +33,7 @@ from fxcompress.channel_groups import GROUPS, group_record
 from fxcompress.errors import ConfigError
 from fxcompress.passes.annotate import annotate_layers
 from fxcompress.passes.dependencies import ChannelAnalysis, ChannelGroup, analyze_channels
+from fxcompress.passes.fold_bn import fold_batchnorm
 from fxcompress.passes.functionalize import functionalize_layers
 from fxcompress.passes.group_plan import NORM_TYPES
 from fxcompress.passes.leaf_layers import rewrite_leaf_layers
@@ -309,6 +310,7 @@ def _finish(gm: torch.fx.GraphModule, masks: Mapping[str, torch.Tensor], positio
     rewrite_leaf_layers(gm)
     functionalize_layers(gm, finalize=False)
     insert_fake_quant(gm, finalize=False)
+    fold_batchnorm(gm)  # a quantized conv's BatchNorm fold (its plan says which), as compress makes it
     gm.graph.lint()
     gm.recompile()
 

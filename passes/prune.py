@@ -75,7 +75,7 @@ def _mask_norm_outputs(gm: torch.fx.GraphModule) -> None:
         with gm.graph.inserting_after(mask):
             masked = gm.graph.call_function(masked_channels, (node, mask))
         set_role(masked, NodeRole(name, "weight_mask"))
-        node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user, masked=masked: user is not masked)
 
 
 def _norm_called(node: torch.fx.Node) -> str | None:

@@ -20,7 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.passes.annotate import COMPUTE_OPS, layer_input, layer_weight
+from fxcompress.passes.annotate import layer_input, layer_weight
 from fxcompress.passes.dependencies import ChannelGroup
 
 __all__ = ["LayerCall", "PositionKeep", "fold_constants", "layer_calls", "measure_inputs", "position_keeps",

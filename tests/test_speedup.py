@@ -7,6 +7,7 @@ import copy
 import io
 import re
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import fxcompress
 from fxcompress.group_report import group_report
 from fxcompress.settings import ratio_floor
 
+from .fixtures import masked_reference
 from .test_dependencies import (
     Add,
     Blocked,
@@ -309,3 +311,241 @@ def test_speedup_keeps_the_model_unchanged_and_the_modes() -> None:
     assert fast.training and fast.bn.training
     fast.train()(x)  # train mode: batch statistics, running stats move
     assert not torch.equal(fast.bn.running_mean, torch.zeros_like(fast.bn.running_mean))
+
+
+# ---- torchvision ---------------------------------------------------------------------------------
+
+def _masked_copy(model: nn.Module, gm: nn.Module) -> nn.Module:
+    """The original model with the layer masks and the norm masks multiplied in by hand."""
+    ref = masked_reference(model, fxcompress.masks(gm))
+    with torch.no_grad():
+        for name, module in gm.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and "weight_mask" in module._buffers:
+                norm = ref.get_submodule(name)
+                norm.weight.mul_(module.weight_mask)
+                norm.bias.mul_(module.bias_mask)
+    return ref.eval()
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid)
+
+
+def _kept_params(model: nn.Module, gm: nn.Module, x: torch.Tensor) -> int:
+    """The parameters a shrunk model should hold, found without fxcompress's groups: a layer keeps its
+    unmasked filters times the input channels that are not identically zero in the masked model (its
+    ReLU-like activations made identities and hard sigmoids sigmoids, so that no kept channel is zero by
+    chance, as a ReLU at random init can make one; a pruned channel is 0 whatever the activations)."""
+    ref = _masked_copy(model, gm)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, _ACTIVATIONS):
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent), attr, nn.Sigmoid() if isinstance(m, nn.Hardsigmoid) else nn.Identity())
+    masks = fxcompress.masks(gm)
+    alive: dict[str, int] = {}
+
+    def probe(name: str, conv: bool):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple) -> None:
+            dim = 1 if conv else -1
+            seen = args[0].detach().movedim(dim, 0).reshape(args[0].shape[dim], -1).ne(0).any(dim=1)
+            alive[name] = int(seen.sum()) if name not in alive else max(alive[name], int(seen.sum()))
+        return hook
+
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            m.register_forward_pre_hook(probe(name, isinstance(m, nn.Conv2d)))
+    with torch.no_grad(), mock.patch.object(F, "relu", lambda t, inplace=False: t):  # DenseNet's last ReLU
+        ref(x)
+    total = 0
+    counted = set()
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            rows = masks[name].reshape(m.weight.shape[0], -1).any(dim=1) if name in masks else None
+            out = m.weight.shape[0] if rows is None else int(rows.sum())
+            groups = getattr(m, "groups", 1)
+            cin = alive.get(name, m.weight.shape[1] * groups)
+            per_filter = 1 if groups > 1 and groups == m.weight.shape[1] * groups else cin // groups
+            total += out * per_filter * m.weight[0, 0].numel() + (out if m.bias is not None else 0)
+            counted.update({id(m.weight), id(m.bias)})
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            mask = getattr(gm.get_submodule(name), "weight_mask", None)
+            kept = m.weight.numel() if mask is None else int(mask.sum())
+            total += 2 * kept
+            counted.update({id(m.weight), id(m.bias)})
+    return total + sum(p.numel() for p in ref.parameters() if id(p) not in counted)
+
+
+def _group_counts_exact(gm: nn.Module, sparsity: float = 0.5) -> None:
+    record = gm.fxcompress_groups
+    for row, plan in zip(group_report(gm), record.plans, strict=True):
+        if plan.prune is not None:
+            assert row.pruned == sum(ratio_floor(sparsity, len(p)) for p in plan.group.partitions), row
+
+
+def _nonzero_init(model: nn.Module) -> nn.Module:
+    """Weights torchvision initializes to zero (ViT's head) drawn at random, so outputs say something."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0, 0.05)
+    return model
+
+
+def _check_torchvision(name: str, size: int, **kwargs: object) -> None:
+    torch.manual_seed(0)
+    model = _nonzero_init(torchvision.models.get_model(name, weights=None, **kwargs)).eval()
+    x = torch.randn(1, 3, size, size)
+    gm = _compress(model, x)
+    _group_counts_exact(gm)
+    fast = fxcompress.speedup(gm)
+    probe = torch.randn(4, 3, 2 * size, 2 * size) if not name.startswith("vit") else torch.randn(4, 3, size, size)
+    _assert_same(fast, gm, probe)
+    assert sum(p.numel() for p in fast.parameters()) == _kept_params(model, gm, probe)
+    assert sum(p.numel() for p in fast.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"])
+def test_torchvision_fast_subset(name: str) -> None:
+    _check_torchvision(name, 32)
+
+
+SWEEP = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v3_small", "mobilenet_v3_large",
+         "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf", "densenet121", "shufflenet_v2_x1_0",
+         "convnext_tiny", "vgg11", "vgg11_bn", "squeezenet1_0", "squeezenet1_1", "vit_b_16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SWEEP)
+def test_torchvision_sweep(name: str) -> None:
+    if name.startswith("vit"):
+        _check_torchvision(name, 64, image_size=64)  # its MLPs shrink; attention and the stream are blocked
+    else:
+        _check_torchvision(name, 32)
+
+
+# ---- what the result can do ------------------------------------------------------------------------
+
+def _fast_shrinkable() -> tuple[nn.Module, torch.fx.GraphModule, torch.fx.GraphModule, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _randomize_norms(Shrinkable()).eval()
+    x = _input(model)
+    gm = _compress(model, x)
+    return model, gm, fxcompress.speedup(gm), x
+
+
+def test_the_result_trains_compiles_exports_and_scripts() -> None:
+    _, gm, fast, x = _fast_shrinkable()
+    expected = gm.eval()(x)
+    scripted = torch.jit.script(fast.eval())
+    torch.testing.assert_close(scripted(x), expected)
+    exported = torch.export.export(fast.eval(), (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    compiled = torch.compile(copy.deepcopy(fast).train(), backend="aot_eager")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    before = compiled.stem.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        compiled(torch.randn(4, 3, 6, 6)).square().mean().backward()
+        opt.step()
+    assert not torch.equal(compiled.stem.weight.detach(), before)
+
+
+def test_quantizers_survive_on_pruned_layers() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(Residual()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    cfg = [{**OC[0], "quant_types": ["input", "weight"], "quant_bits": 8, "quant_start_step": 3}]
+    gm = _compress(model, x, cfg)
+    fast = fxcompress.speedup(gm)
+    assert isinstance(fast.a.weight_quantizer, fxcompress.quant.WeightQuantizer)
+    assert isinstance(fast.c.input_quantizer, fxcompress.quant.ActivationQuantizer)
+    assert fast.a.weight.shape[0] == 4 and "weight_quantizer" in fast.code
+    _assert_same(fast, gm, x)  # quantization is off before step 3: float equality
+    fast.train()
+    for _ in range(4):
+        fast(x)
+    assert fxcompress.get_step(fast) == 4 and bool(fast.c.input_quantizer.initialized)
+    assert fxcompress.calibration(fast)["a"]["weight_bits"] == 8 and len(fxcompress.calibration(fast)["a"]["weight_scale"]) == 4
+
+
+def test_saving_the_module_and_rebuilding_from_a_state_dict() -> None:
+    model, gm, fast, x = _fast_shrinkable()
+    with torch.no_grad():
+        fast.head.bias.add_(1.0)  # as if fine-tuned after speedup
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded.eval()(x), fast.eval()(x))
+    state = fast.state_dict()
+    assert state["fxcompress_speedup._extra_state"]["pruned"]["stem"] == _rows_pruned(gm, "stem")
+    rebuilt = fxcompress.speedup_from_state_dict(model, OC, state, (x,))
+    torch.testing.assert_close(rebuilt.eval()(x), fast.eval()(x))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items() if isinstance(v, torch.Tensor)} == \
+        {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+def test_a_model_without_channel_masks_is_refused() -> None:
+    x = torch.randn(1, 3, 6, 6)
+    quant_only = _compress(Residual(), x, [{"op_types": ["Conv2d"], "quant_types": ["weight", "input"],
+                                            "quant_bits": 8}])
+    with pytest.raises(fxcompress.SpeedupError, match="the model has no pruning masks"):
+        fxcompress.speedup(quant_only, (x,))
+    element = _compress(Residual(), x, [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5}])
+    with pytest.raises(fxcompress.SpeedupError, match=r"layer 'a' has masks that prune single weights.*'element'"):
+        fxcompress.speedup(element, (x,))
+    with pytest.raises(fxcompress.SpeedupError, match="no channel is pruned"):
+        fxcompress.speedup(_compress(Residual(), x, [{**OC[0], "sparsity_per_layer": 0.1}]))
+    with pytest.raises(fxcompress.SpeedupError, match="expected the GraphModule compress returned, got Residual"):
+        fxcompress.speedup(Residual())
+
+
+def test_per_layer_channel_masks_are_refused_with_the_fix() -> None:
+    x = torch.randn(1, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fxcompress.compress(_randomize_norms(Residual()).eval(), OC)
+    with pytest.raises(fxcompress.SpeedupError, match=r"no example inputs: pass speedup\(gm, example_inputs"):
+        fxcompress.speedup(gm)
+    with pytest.raises(fxcompress.SpeedupError, match=r"layer '[ab]' prunes channels of group .*\(per-layer masks\).*"
+                                                      r"example_inputs=\(x,\)"):
+        fxcompress.speedup(gm, (x,))
+
+
+def test_a_group_that_cannot_shrink_names_the_op() -> None:
+    x = torch.randn(1, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # per-layer masks: the group is pruned although 'mystery' reads it
+        gm = fxcompress.compress(Blocked("function").eval(), [{"op_names": ["a"], "sparsity_per_layer": 0.5,
+                                                               "granularity": "out_channel"}])
+    with pytest.raises(fxcompress.SpeedupError, match=r"group \d+ \(a\) cannot be shrunk: node 'mystery' reads"):
+        fxcompress.speedup(gm, (x,))
+
+
+def test_a_constant_into_a_padded_conv_is_refused() -> None:
+    torch.manual_seed(0)
+    model = SigmoidInto(kernel=3, padding=1).eval()
+    gm = _compress(model, _input(model))
+    with pytest.raises(fxcompress.SpeedupError, match=r"reach the padded conv 'b' as constants \(0.5 at most\)"):
+        fxcompress.speedup(gm)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow at the top: fx cannot trace it
+            x = -x
+        return self.b(self.a(x))
+
+
+def test_a_module_level_model_is_refused() -> None:
+    x = torch.randn(1, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fxcompress.compress(Untraceable(), OC, example_inputs=(x,))
+    with pytest.raises(fxcompress.SpeedupError, match="compressed at module level .* no graph"):
+        fxcompress.speedup(gm, (x,))
