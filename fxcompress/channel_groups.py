@@ -125,7 +125,7 @@ class GroupRecord(nn.Module):
                 layer = resolve_layer(gm, m.layer)
                 mask = getattr(layer, "weight_mask", None)
                 weight = layer.weight.detach() if mask is None else layer.weight.detach() * mask
-                rows = scores(weight, setting, m.layer).double()
+                rows = scores(weight, setting, m.layer).double().cpu()
                 total.index_add_(0, torch.tensor(m.channels, dtype=torch.long), rows[list(m.positions)])
         sparsity = setting.sparsity_per_layer * fraction if fraction < 1.0 else setting.sparsity_per_layer
         return _keep_a_filter_each(partition_mask(total, group.partitions, sparsity), total, plan)
@@ -178,6 +178,6 @@ def group_keep(gm: nn.Module, plan: GroupPlan, masks: Mapping[str, Tensor] | Non
         channels = torch.tensor(m.channels, dtype=torch.long)
         seen[channels] = True
         row_kept = torch.ones(len(m.positions)) if mask is None else \
-            mask.reshape(mask.shape[0], -1).any(dim=1)[list(m.positions)].float()
+            mask.reshape(mask.shape[0], -1).any(dim=1).cpu()[list(m.positions)].float()
         kept.index_add_(0, channels, row_kept)
     return (kept > 0) | ~seen

@@ -138,13 +138,13 @@ def _inputs(gm: nn.Module, example_inputs: torch.Tensor | Sequence[Any] | None) 
 
 def _masks(gm: nn.Module) -> dict[str, torch.Tensor]:
     """The bool masks of the pruned layers and of the norms of pruned groups."""
-    masks = {n: resolve_layer(gm, n).weight_mask.bool() for n, p in plans_of(gm).items()
+    masks = {n: resolve_layer(gm, n).weight_mask.bool().cpu() for n, p in plans_of(gm).items()
              if p.prune is not None and p.compressed and "weight_mask" in resolve_layer(gm, n)._buffers}
     record = group_record(gm)
     for plan in record.plans if record is not None else ():
         for norm in plan.norms:
             if "weight_mask" in gm.get_submodule(norm)._buffers:
-                masks[norm] = gm.get_submodule(norm).weight_mask.bool()
+                masks[norm] = gm.get_submodule(norm).weight_mask.bool().cpu()
     if not masks:
         raise SpeedupError("speedup: the model has no pruning masks; compress it with granularity 'out_channel' "
                            "(and example_inputs) first")
@@ -171,9 +171,9 @@ def _bake(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             raise SpeedupError(f"speedup: layer {name!r} shares its weight with another module; speedup cannot "
                                "slice a tied weight")
         rows = mask.reshape(mask.shape[0], -1)[:, 0]
-        layer.weight.mul_(mask.to(layer.weight.dtype))
+        layer.weight.mul_(mask.to(layer.weight))
         if layer.bias is not None:
-            layer.bias.mul_(rows.to(layer.bias.dtype))
+            layer.bias.mul_(rows.to(layer.bias))
         for buffer in ("weight_mask", "bias_mask"):
             layer._buffers.pop(buffer, None)
 

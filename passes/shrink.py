@@ -133,7 +133,7 @@ def measure_inputs(gm: torch.fx.GraphModule, calls: Mapping[str, list[LayerCall]
                 call = wanted[n]
                 x = self.env[layer_input(n)]
                 dim = x.dim() - len(call.span) - 1 if call.conv else x.dim() - 1
-                rows = x.detach().movedim(dim, 0).reshape(x.shape[dim], -1).float()
+                rows = x.detach().movedim(dim, 0).reshape(x.shape[dim], -1).float().cpu()
                 lo, hi = rows.amin(dim=1), rows.amax(dim=1)
                 const, value = lo == hi, lo
                 if call.layer in found:
@@ -189,7 +189,7 @@ def _add_to_bias(gm: torch.fx.GraphModule, calls: Sequence[LayerCall], carried: 
     call = calls[0]
     owner = gm.get_submodule(call.layer)
     weight = owner.weight
-    x = carried.to(weight.dtype).reshape(1, -1, *([1] * len(call.span))).expand(1, -1, *call.span)
+    x = carried.to(weight).reshape(1, -1, *([1] * len(call.span))).expand(1, -1, *call.span)
     delta = (F.linear(x.reshape(1, -1), weight) if not call.conv else
              _conv(x, weight, call.groups)).reshape(-1)
     if owner.bias is None:
@@ -227,7 +227,7 @@ def shrink_parameters(gm: torch.fx.GraphModule, calls: Mapping[str, list[LayerCa
         if role == "in" and param == "weight" and layer in calls and calls[layer][0].conv:
             sliced = _conv_input(tensor, entry.keep, calls[layer][0].groups)
         else:
-            sliced = tensor.index_select(dim, entry.keep.nonzero().squeeze(1))
+            sliced = tensor.index_select(dim, entry.keep.nonzero().squeeze(1).to(tensor.device))
         _replace(owner, param, tensor, sliced)
     for layer in {k[0] for k in keeps}:
         _resize(gm, layer, calls, keeps)
@@ -241,7 +241,7 @@ def _conv_input(weight: torch.Tensor, keep: torch.Tensor, groups: int) -> torch.
     counts = cells.sum(dim=1)
     assert bool((counts == counts[0]).all()), "a grouped conv's groups lose unequally (partitions are equal)"
     rows = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
-    picked = [rows[g][:, cells[g].nonzero().squeeze(1)] for g in range(groups)]
+    picked = [rows[g][:, cells[g].nonzero().squeeze(1).to(weight.device)] for g in range(groups)]
     return torch.cat(picked).reshape(weight.shape[0], int(counts[0]), *weight.shape[2:])
 
 

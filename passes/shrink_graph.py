@@ -194,7 +194,7 @@ def replace_shuffles(gm: torch.fx.GraphModule, analysis: ChannelAnalysis, keep: 
         where = {int(s): i for i, s in enumerate(axis.slots[keep[axis.slots]].tolist())}
         order = torch.tensor([where[int(s)] for s in out.slots[keep[out.slots]].tolist()], dtype=torch.long)
         buffer = f"{name}_kept_order"
-        gm.register_buffer(buffer, order)
+        gm.register_buffer(buffer, order.to(next(gm.parameters()).device))
         with gm.graph.inserting_before(shuffle):
             index = gm.graph.get_attr(buffer)
             gather = gm.graph.call_function(torch.index_select, (source, axis.dims[0], index))
