@@ -48,7 +48,7 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
         model: an ``nn.Module`` (traced with torch.fx) or a GraphModule, also one ``compress``
             returned: the new config is then added to the old one (SPEC §2.9).
         config_list: NNI-style list of sub-config dicts (see README).
-        example_inputs: a tensor or the tuple of positional inputs, of the shapes the model will see.
+        example_inputs: the tuple of positional inputs, of the shapes the model will see.
             ``granularity: 'out_channel'`` needs them to find the dependency groups (one channel
             mask per group, norms masked too: SPEC §4, what ``fxcompress.speedup`` removes); without
             them each such layer's filters are ranked alone, with a warning. If given, the result

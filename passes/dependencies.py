@@ -69,8 +69,9 @@ class Member:
 class ChannelGroup:
     """``channels`` channels that are pruned together, numbered ``0 .. channels-1``.
 
-    ``partitions``: the channels cut into equal parts (grouped convs, GroupNorm groups, heads, the
-    halves of a chunk); each part must lose equally many channels. One part when there is no such
+    ``partitions``: the channels cut into equal parts (grouped convs, GroupNorm groups, heads); each
+    part must lose equally many channels (a chunk is not such a cut: ``speedup`` turns a chunk whose
+    parts end up unequal into a split). One part when there is no such
     constraint. ``blocked_by``: the fx node (or ``'output'``, or a model input) that reads the
     channels in a way that cannot shrink, None when the group can be pruned. ``nodes``: the fx nodes
     whose outputs carry the channels, in graph order. ``reorders``: the nodes among them that

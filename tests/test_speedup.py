@@ -484,6 +484,34 @@ def test_saving_the_module_and_rebuilding_from_a_state_dict() -> None:
         {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def test_a_state_dict_of_other_channels_is_refused_when_loaded() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(Residual()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fast = fxcompress.speedup(_compress(model, x))
+    other = fxcompress.speedup(_compress(model, x, [{**OC[0], "criterion": "random", "seed": 3}]))
+    assert _shapes(other) == _shapes(fast)  # the same sizes: only the record tells them apart
+    assert other.state_dict()["fxcompress_speedup._extra_state"] != fast.state_dict()["fxcompress_speedup._extra_state"]
+    with pytest.raises(fxcompress.ConfigError, match="sped up with other channels pruned"):
+        fast.load_state_dict(other.state_dict())
+
+
+def _shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_a_dry_run_plan_shows_the_groups() -> None:
+    from fxcompress.annotations import plans_of
+    from fxcompress.pruning import compute_masks
+
+    torch.manual_seed(0)
+    gm = fxcompress.plan(Chain().eval(), OC, example_inputs=(torch.randn(1, 3, 6, 6),))
+    assert [r.pruned for r in group_report(gm)] == [None, None]  # nothing computed yet
+    rows = group_report(gm, compute_masks(gm, plans_of(gm)))  # as `python -m fxcompress plan` does
+    assert [(r.pruned, r.params_removed, r.flops_removed) for r in rows] == [(4, 128, 8928), (0, 0, 0)]
+    assert not any(n.endswith("_mask") for n, _ in gm.named_buffers())
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 def test_a_model_without_channel_masks_is_refused() -> None:
