@@ -31,7 +31,7 @@ __all__ = ["VALID_KEYS", "parse_config"]
 _SELECTOR_KEYS = ("op_types", "op_names", "op_partial_names")
 _PRUNE_KEYS = ("sparsity_per_layer", "total_sparsity", "sparsity", "max_sparsity_per_layer",
                "criterion", "granularity", "seed")
-_QUANT_KEYS = ("quant_types", "quant_bits", "quant_start_step", "quant_scheme", "quant_dtype")
+_QUANT_KEYS = ("quant_types", "quant_bits", "quant_start_step", "quant_scheme", "quant_dtype", "quant_reduce_range")
 VALID_KEYS = _SELECTOR_KEYS + ("exclude",) + _PRUNE_KEYS + _QUANT_KEYS
 
 
@@ -218,7 +218,7 @@ def _check_prune_combination(where: str, s: PruneSetting) -> None:
 
 def _parse_quant(where: str, raw: Mapping[str, Any]) -> QuantPlan | None:
     if "quant_types" not in raw:
-        for key in ("quant_bits", "quant_start_step", "quant_scheme", "quant_dtype"):
+        for key in _QUANT_KEYS[1:]:
             if key in raw:
                 raise ConfigError(f"{where}[{key!r}]: only meaningful with 'quant_types'; add "
                                   "'quant_types': ['input', 'weight'] or remove the key")
@@ -235,8 +235,21 @@ def _parse_quant(where: str, raw: Mapping[str, Any]) -> QuantPlan | None:
     start = raw.get("quant_start_step", 0)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ConfigError(f"{where}['quant_start_step']: expected an int >= 0, got {start!r}")
-    settings = {t: QuantSetting(bits[t], schemes[t], dtypes[t]) for t in types}
+    reduce_range = _parse_reduce_range(f"{where}['quant_reduce_range']", raw.get("quant_reduce_range", False),
+                                       bits, dtypes)
+    settings = {t: QuantSetting(bits[t], schemes[t], dtypes[t], reduce_range and t != "weight") for t in types}
     return QuantPlan(settings.get("weight"), settings.get("input"), settings.get("output"), start)
+
+
+def _parse_reduce_range(place: str, value: Any, bits: Mapping[str, int], dtypes: Mapping[str, str]) -> bool:
+    """``quant_reduce_range``: activations (input, output) use the levels of one bit fewer; weights keep theirs."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{place}: expected True or False, got {value!r}")
+    for t in ("input", "output"):
+        if value and t in bits and dtypes[t] == "int" and bits[t] < 3:
+            raise ConfigError(f"{place}: a {bits[t]}-bit 'int' {t} has no levels left after reducing its range "
+                              f"(-(2^(b-2)-1)..2^(b-2)-1); use at least 3 bits or drop the key")
+    return value
 
 
 def _parse_quant_types(place: str, value: Any) -> tuple[str, ...]:

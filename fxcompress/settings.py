@@ -83,16 +83,31 @@ class QuantSetting:
     bits: int
     scheme: str
     dtype: str
+    #: ``quant_reduce_range`` (activations only): the levels of ``bits - 1`` bits, stored in ``bits``
+    #: (torch.ao's ``reduce_range``): uint8 activations use 0..127, so x86 int8 kernels without VNNI
+    #: cannot saturate their 16-bit pair sums (README, Deploy).
+    reduce_range: bool = False
+
+    def __repr__(self) -> str:
+        # reduce_range only when set: checkpoint fingerprints (repr of the plans) made before the key
+        # existed still match
+        extra = ", reduce_range=True" if self.reduce_range else ""
+        return f"QuantSetting(bits={self.bits!r}, scheme={self.scheme!r}, dtype={self.dtype!r}{extra})"
+
+    @property
+    def level_bits(self) -> int:
+        """The bits whose levels are used: ``bits``, or one fewer with ``reduce_range``."""
+        return self.bits - 1 if self.reduce_range else self.bits
 
     @property
     def qmin(self) -> int:
         """The smallest integer level (SPEC.md §5: ``int`` is narrow, as NNI)."""
-        return 0 if self.dtype == "uint" else -(2 ** (self.bits - 1) - 1)
+        return 0 if self.dtype == "uint" else -(2 ** (self.level_bits - 1) - 1)
 
     @property
     def qmax(self) -> int:
         """The largest integer level."""
-        return 2**self.bits - 1 if self.dtype == "uint" else 2 ** (self.bits - 1) - 1
+        return 2**self.level_bits - 1 if self.dtype == "uint" else 2 ** (self.level_bits - 1) - 1
 
     @property
     def per_channel(self) -> bool:
