@@ -3,9 +3,10 @@
 from fxcompress.api import compress, plan, select, trace
 from fxcompress.config import parse_config
 from fxcompress.config_file import load_config
-from fxcompress.deploy import export_model, export_onnx, finalize
+from fxcompress.deploy import convert, export_model, export_onnx, finalize
 from fxcompress.distributed import sync_ranges
 from fxcompress.errors import ConfigError, TraceError
+from fxcompress.int8 import ConvertError
 from fxcompress.report import calibration, report, summary
 from fxcompress.shrinking import SpeedupError, speedup, speedup_from_state_dict
 from fxcompress.training import (
@@ -20,6 +21,7 @@ from fxcompress.training import (
 
 __all__ = [
     "ConfigError",
+    "ConvertError",
     "SparsityScheduler",
     "SpeedupError",
     "TraceError",
@@ -27,6 +29,7 @@ __all__ = [
     "attach_optimizer",
     "calibration",
     "compress",
+    "convert",
     "export_model",
     "export_onnx",
     "finalize",

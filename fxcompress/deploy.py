@@ -1,4 +1,5 @@
-"""The way out of training: finalize (the inference model), export_onnx (QDQ ONNX), export_model (NNI's files).
+"""The way out of training: finalize (the inference model), convert (int8 kernels), export_onnx (QDQ ONNX),
+export_model (NNI's files).
 
 None of these changes the compressed model it is given: each works on a deep copy.
 """
@@ -29,8 +30,18 @@ from fxcompress.passes.freeze import (
     untied_layers,
     weight_quantizer_inputs,
 )
+from fxcompress.passes.lower_int8 import (
+    check_convertible,
+    fold_float_batchnorms,
+    fuse_requantize,
+    lower_int8_layers,
+    output_drift,
+)
 
-__all__ = ["export_model", "export_onnx", "finalize"]
+__all__ = ["convert", "export_model", "export_onnx", "finalize"]
+
+#: The cosine similarity to the fake-quantized outputs below which ``convert`` warns.
+CONVERT_MIN_COSINE = 0.99
 
 
 def finalize(gm: nn.Module) -> nn.Module:
@@ -68,6 +79,57 @@ def _finalized(gm: nn.Module, caller: str) -> nn.Module:
     if isinstance(model, torch.fx.GraphModule):
         freeze_graph(model, off)
     drop_training_state(model)
+    return model.eval()
+
+
+def convert(gm: nn.Module, example_inputs: Sequence[Any] | torch.Tensor) -> nn.Module:
+    """The int8 inference model of a quantized model: int8 weights, uint8 activations, oneDNN's x86 int8 kernels.
+
+    Each layer whose input and weight are quantized (8 bits, the weight symmetric ``int``) becomes an
+    :class:`~fxcompress.int8.Int8Conv` / :class:`~fxcompress.int8.Int8Linear` holding its weight's
+    integer levels as ``int8`` with a float scale per output channel, behind a
+    :class:`~fxcompress.int8.QuantizeUint8` of its input; a BatchNorm reading a conv (folded during QAT
+    or not) is folded into that conv's scales and bias and removed; where a layer's output, after a
+    ReLU/ReLU6, only feeds other int8 layers' inputs, the kernel returns their uint8 levels directly.
+    Output quantizers and the rest of the model stay as :func:`finalize` has them (float). The result
+    runs eagerly and under ``torch.compile`` (inductor fuses the quantize steps into the ops before
+    them), saves with ``torch.save(model, path)`` and loads with ``torch.load(path, weights_only=False)``.
+
+    It runs :func:`finalize`'s model and the result on ``example_inputs`` and keeps how far apart they
+    are in ``result.convert_drift`` (``cosine``, ``max_abs_diff``, ``max_abs_reference``), warning when
+    the cosine is below 0.99. x86 CPUs without VNNI sum pairs of uint8 x int8 products in 16 bits, which
+    saturate with full-range uint8 activations: train with ``quant_reduce_range: True`` (7-bit
+    activation levels, README Deploy) for the kernels to match the fake-quantized model.
+
+    Args:
+        gm: a model returned by ``fxcompress.compress`` (traced), trained past ``quant_start_step``.
+        example_inputs: the forward's positional arguments (a tuple), or one tensor.
+    Returns:
+        A new GraphModule in eval mode; ``gm`` is not changed.
+    Raises:
+        TypeError: ``gm`` was not compressed by fxcompress.
+        ConvertError: (a ``ValueError``) naming the layer: a quantizer off in eval mode (never observed,
+            start step not reached), a bit width other than 8, an asymmetric or ``uint`` weight, a layer
+            inside a leaf or attention module, a layer called twice; or a model compressed at module level.
+
+    >>> int8_model = convert(gm, (torch.randn(1, 1, 28, 28),))  # doctest: +SKIP
+    """
+    _check_compressed(gm, "convert")
+    check_convertible(gm)
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model = _finalized(gm, "convert")
+    with torch.no_grad():
+        reference = model(*args)
+        lower_int8_layers(model)
+        fuse_requantize(model)
+        fold_float_batchnorms(model)
+        drift = output_drift(reference, model(*args))
+    model.convert_drift = drift
+    if drift["cosine"] < CONVERT_MIN_COSINE:
+        warnings.warn(f"convert: the int8 model's outputs are far from the fake-quantized model's on the example "
+                      f"inputs (cosine {drift['cosine']:.4f}, largest difference {drift['max_abs_diff']:.4g} of "
+                      f"{drift['max_abs_reference']:.4g}); on x86 without VNNI, train with 'quant_reduce_range': "
+                      "True (README, Deploy)", UserWarning, stacklevel=caller_stacklevel())
     return model.eval()
 
 
