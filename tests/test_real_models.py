@@ -41,7 +41,11 @@ def subjects() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["seed", "resnet18", "mobilenet_v3_small"])
+# mobilenet_v3_small (hard-swish, squeeze-excitation) takes over a minute each here: make test-slow
+_SUBJECTS = ["seed", "resnet18", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", _SUBJECTS)
 def test_compile_fullgraph_one_compilation_per_mode(name: str) -> None:
     _, model, x = next(s for s in subjects() if s[0] == name)
     torch._dynamo.reset()
@@ -58,7 +62,7 @@ def test_compile_fullgraph_one_compilation_per_mode(name: str) -> None:
     assert fxcompress.get_step(gm) == 4
 
 
-@pytest.mark.parametrize("name", ["seed", "resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", _SUBJECTS)
 def test_export_and_script_match_eager(name: str) -> None:
     _, model, x = next(s for s in subjects() if s[0] == name)
     gm = fxcompress.compress(model, CFG)

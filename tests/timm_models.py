@@ -45,11 +45,13 @@ QAT_OFF = [{"op_types": ["Conv2d", "Linear"], "quant_types": ["input", "weight",
 TRAIN = [{"op_types": ["Conv2d", "Linear"], "sparsity_per_layer": 0.5, "quant_types": ["input", "weight", "output"],
           "quant_bits": 8, "quant_start_step": 1}]
 
-# one small model from each of five families: BatchNorm, BatchNormAct2d + DropPath + SE, hard-swish
-# mobile blocks, LayerNorm + DropPath convnet, a transformer at a non-default image size
-FAST = ["resnet10t", "efficientnet_b0", "mobilenetv3_small_050", "convnext_atto", "vit_tiny_patch16_224"]
+# make test: two small models covering BatchNorm + DropPath and BatchNormAct2d + SE + hard-swish (the
+# mode-dependent blocks); efficientnet_b0, convnext_atto and vit_tiny (1-2 minutes each here) run in
+# the sweep (make test-slow)
+FAST = ["resnet10t", "mobilenetv3_small_050"]
 
 SWEEP = [
+    "efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224",
     # ResNet and relatives
     "resnet18", "resnet18d", "resnet26t", "seresnet18", "resnext26ts", "skresnet18", "eca_resnet33ts", "nf_resnet26",
     "gernet_s", "repvgg_a0", "mobileone_s0",
