@@ -24,6 +24,7 @@ bench: .venv/.installed
 	$(PY) -m benchmarks.transform
 	$(PY) -m benchmarks.sparsity_alloc
 	$(PY) -m benchmarks.quality
+	$(PY) -m benchmarks.deploy
 
 lint: .venv/.installed
 	$(PY) -m ruff check fxcompress passes tests benchmarks

@@ -103,7 +103,8 @@ def convert(gm: nn.Module, example_inputs: Sequence[Any] | torch.Tensor) -> nn.M
 
     Args:
         gm: a model returned by ``fxcompress.compress`` (traced), trained past ``quant_start_step``.
-        example_inputs: the forward's positional arguments (a tuple), or one tensor.
+        example_inputs: the forward's positional arguments (a tuple; a last element that is a dict holds
+            keyword arguments), or one tensor.
     Returns:
         A new GraphModule in eval mode; ``gm`` is not changed.
     Raises:
@@ -117,13 +118,15 @@ def convert(gm: nn.Module, example_inputs: Sequence[Any] | torch.Tensor) -> nn.M
     _check_compressed(gm, "convert")
     check_convertible(gm)
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    keywords = args[-1] if args and isinstance(args[-1], dict) else {}
+    args = args[:len(args) - bool(keywords)]
     model = _finalized(gm, "convert")
     with torch.no_grad():
-        reference = model(*args)
+        reference = model(*args, **keywords)
         lower_int8_layers(model)
         fuse_requantize(model)
         fold_float_batchnorms(model)
-        drift = output_drift(reference, model(*args))
+        drift = output_drift(reference, model(*args, **keywords))
     model.convert_drift = drift
     if drift["cosine"] < CONVERT_MIN_COSINE:
         warnings.warn(f"convert: the int8 model's outputs are far from the fake-quantized model's on the example "

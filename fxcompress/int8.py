@@ -20,9 +20,11 @@ its scales and the bias. CPU only. Never imports torch.fx.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 (registers torch.ops.quantized_decomposed)
 from torch import Tensor, nn
 
 __all__ = ["ConvertError", "Int8Conv", "Int8Linear", "QuantizeUint8"]
@@ -33,13 +35,6 @@ class ConvertError(ValueError):
 
     The message names the layer and says what to change. Nothing about the model is changed.
     """
-
-
-def _decomposed_quantize() -> Any:
-    """``torch.ops.quantized_decomposed.quantize_per_tensor`` (its module registers it when imported)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401 (registers the op)
-
-    return torch.ops.quantized_decomposed.quantize_per_tensor.default
 
 
 class QuantizeUint8(nn.Module):
@@ -61,7 +56,8 @@ class QuantizeUint8(nn.Module):
         if x.dtype != torch.float32:
             x = x.float()
         if torch.compiler.is_compiling():  # inductor fuses this into the op that makes x
-            return _decomposed_quantize()(x, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8)
+            return torch.ops.quantized_decomposed.quantize_per_tensor.default(x, self.scale, self.zero_point, self.qmin,
+                                                                              self.qmax, torch.uint8)
         levels = _quantize_eager(x, self.scale, self.zero_point)
         if (self.qmin, self.qmax) != (0, 255):
             levels.clamp_(self.qmin, self.qmax)
@@ -93,6 +89,82 @@ def _quantize_eager(x: Tensor, scale: float, zero_point: int) -> Tensor:
         return torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(0, 255).to(torch.uint8)
 
 
+def _channels_last_empty(shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty tensor of ``shape`` (N, C, *spatial) laid out channels last, as oneDNN's conv returns it."""
+    order = [0, *range(2, len(shape)), 1]
+    return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(
+        [0, len(shape) - 1, *range(1, len(shape) - 1)])
+
+
+_PACKED: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def _cached_pack(weight: Tensor, pack: Any) -> Tensor:
+    """oneDNN's packed form of ``weight``, kept while ``weight`` lives and is not written to."""
+    key = id(weight)
+    entry = _PACKED.get(key)
+    if entry is None or entry[0]() is not weight or entry[1] != weight._version:
+        entry = (weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None)), weight._version, pack())
+        _PACKED[key] = entry
+    return entry[2]
+
+
+@torch.library.custom_op("fxcompress::int8_conv", mutates_args=())
+def _int8_conv_op(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor, bias: Tensor | None,
+                  stride: list[int], padding: list[int], dilation: list[int], groups: int, input_scale: float,
+                  input_zero_point: int, output_scale: float, output_zero_point: int, uint8_output: bool,
+                  post_op: str, post_op_args: list[float]) -> Tensor:
+    """The int8 conv as one opaque op (compiled without freezing): packs its weight once, on first use."""
+    packed = _cached_pack(weight, lambda: torch.ops.onednn.qconv_prepack(
+        weight, weight_scale, input_scale, input_zero_point, stride, padding, dilation, groups, None))
+    y = torch.ops.onednn.qconv_pointwise(
+        x, input_scale, input_zero_point, packed, weight_scale, weight_zero_point, bias, stride, padding, dilation,
+        groups, output_scale, output_zero_point, torch.uint8 if uint8_output else torch.float32, post_op,
+        post_op_args, "")
+    out = _channels_last_empty(list(y.shape), y.dtype, y.device)
+    return y if y.stride() == out.stride() else out.copy_(y)
+
+
+@_int8_conv_op.register_fake
+def _(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor, bias: Tensor | None,
+      stride: list[int], padding: list[int], dilation: list[int], groups: int, input_scale: float,
+      input_zero_point: int, output_scale: float, output_zero_point: int, uint8_output: bool, post_op: str,
+      post_op_args: list[float]) -> Tensor:
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+               zip(x.shape[2:], padding, dilation, weight.shape[2:], stride, strict=True)]
+    return _channels_last_empty([x.shape[0], weight.shape[0], *spatial], torch.uint8 if uint8_output else
+                                torch.float32, x.device)
+
+
+@torch.library.custom_op("fxcompress::int8_linear", mutates_args=())
+def _int8_linear_op(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor, bias: Tensor | None,
+                    input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int,
+                    uint8_output: bool, post_op: str, post_op_args: list[float]) -> Tensor:
+    """The int8 linear layer (2-D input) as one opaque op (compiled without freezing)."""
+    packed = _cached_pack(weight, lambda: torch.ops.onednn.qlinear_prepack(weight, None))
+    y = torch.ops.onednn.qlinear_pointwise(
+        x, input_scale, input_zero_point, packed, weight_scale, weight_zero_point, bias, output_scale,
+        output_zero_point, torch.uint8 if uint8_output else torch.float32, post_op, post_op_args, "")
+    return y.contiguous()
+
+
+@_int8_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor, bias: Tensor | None,
+      input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int, uint8_output: bool,
+      post_op: str, post_op_args: list[float]) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.uint8 if uint8_output else torch.float32)
+
+
+def _opaque() -> bool:
+    """Compiling without inductor's freezing: inductor lowers oneDNN's int8 ops only with constant weights,
+    so the layers call their opaque custom op instead (any backend runs it)."""
+    if not torch.compiler.is_compiling():
+        return False
+    import torch._inductor.config as inductor_config
+
+    return not inductor_config.freezing
+
+
 class _Int8Layer(nn.Module):
     """What Int8Conv and Int8Linear share: int8 weight, per-channel scales, bias, activation qparams, post-op."""
 
@@ -105,24 +177,30 @@ class _Int8Layer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
         self.output_scale: float | None = None  # None: float32 output
-        self.output_zero_point, self.output_qmin, self.output_qmax = 0, 0, 255
+        self.output_zero_point = 0
         self.post_op = "none"  # or "relu", "hardtanh" (with post_op_args (min, max))
         self.post_op_args: list[float] = []
         self._packed = torch.empty(0)  # set by the subclass's _repack()
 
     def requantize(self, quantize: QuantizeUint8, post_op: str = "none", args: tuple[float, ...] = ()) -> None:
-        """Return ``quantize``'s uint8 levels of ``post_op(output)`` instead of the float output."""
+        """Return ``quantize``'s uint8 levels of ``post_op(output)`` instead of the float output.
+
+        Levels narrower than 0..255 (``quant_reduce_range``) become a Hardtanh post-op clamping the float
+        output to the values of the lowest and highest level, so the kernel never rounds beyond them.
+        """
         self.output_scale, self.output_zero_point = quantize.scale, quantize.zero_point
-        self.output_qmin, self.output_qmax = quantize.qmin, quantize.qmax
-        self.post_op, self.post_op_args = post_op, list(args)
+        if (quantize.qmin, quantize.qmax) != (0, 255):
+            lo = (quantize.qmin - quantize.zero_point) * quantize.scale
+            hi = (quantize.qmax - quantize.zero_point) * quantize.scale
+            if post_op == "relu":
+                lo = max(lo, 0.0)
+            elif post_op == "hardtanh":
+                lo, hi = max(lo, args[0]), min(hi, args[1])
+            post_op, args = "hardtanh", (lo, hi)
+        self.post_op, self.post_op_args = post_op, [float(a) for a in args]
 
     def _out_dtype(self) -> torch.dtype:
         return torch.float32 if self.output_scale is None else torch.uint8
-
-    def _clamped(self, y: Tensor) -> Tensor:
-        if self.output_scale is not None and (self.output_qmin, self.output_qmax) != (0, 255):
-            y = y.clamp(self.output_qmin, self.output_qmax)
-        return y
 
     def packed(self) -> Tensor:
         """oneDNN's reordered weight."""
@@ -183,12 +261,18 @@ class Int8Conv(_Int8Layer):
                                               self.stride, self.padding, self.dilation, self.groups, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.onednn.qconv_pointwise(
-            x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale, self.weight_zero_point,
-            self.bias, self.stride, self.padding, self.dilation, self.groups,
-            1.0 if self.output_scale is None else self.output_scale, self.output_zero_point, self._out_dtype(),
-            self.post_op, self.post_op_args, "")
-        return self._clamped(y)
+        output_scale = 1.0 if self.output_scale is None else self.output_scale
+        if _opaque():
+            y = _int8_conv_op(x, self.weight, self.weight_scale, self.weight_zero_point, self.bias, self.stride,
+                              self.padding, self.dilation, self.groups, self.input_scale, self.input_zero_point,
+                              output_scale, self.output_zero_point, self.output_scale is not None, self.post_op,
+                              self.post_op_args)
+        else:
+            y = torch.ops.onednn.qconv_pointwise(
+                x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale, self.weight_zero_point,
+                self.bias, self.stride, self.padding, self.dilation, self.groups, output_scale,
+                self.output_zero_point, self._out_dtype(), self.post_op, self.post_op_args, "")
+        return y
 
 
 class Int8Linear(_Int8Layer):
@@ -213,8 +297,14 @@ class Int8Linear(_Int8Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        y = torch.ops.onednn.qlinear_pointwise(
-            rows, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale, self.weight_zero_point,
-            self.bias, 1.0 if self.output_scale is None else self.output_scale, self.output_zero_point,
-            self._out_dtype(), self.post_op, self.post_op_args, "")
-        return self._clamped(y).reshape(*x.shape[:-1], y.shape[-1])
+        output_scale = 1.0 if self.output_scale is None else self.output_scale
+        if _opaque():
+            y = _int8_linear_op(rows, self.weight, self.weight_scale, self.weight_zero_point, self.bias,
+                                self.input_scale, self.input_zero_point, output_scale, self.output_zero_point,
+                                self.output_scale is not None, self.post_op, self.post_op_args)
+        else:
+            y = torch.ops.onednn.qlinear_pointwise(
+                rows, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,
+                self.weight_zero_point, self.bias, output_scale, self.output_zero_point, self._out_dtype(),
+                self.post_op, self.post_op_args, "")
+        return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -293,8 +293,6 @@ def fuse_requantize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         readers = [_quantize_of(gm, u) for u in tail.users]
         if not readers or any(r is None for r in readers) or not all(readers[0].same_levels(r) for r in readers):
             continue
-        if isinstance(layer, Int8Linear) and post[0] == "hardtanh":
-            continue  # oneDNN's linear kernel takes relu-like post-ops by other names; keep the float path
         layer.requantize(readers[0], post[0], post[1])
         for reader in list(tail.users):
             reader.replace_all_uses_with(node)
