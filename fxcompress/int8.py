@@ -75,7 +75,7 @@ class QuantizeUint8(nn.Module):
 def _quantize_eager(x: Tensor, scale: float, zero_point: int) -> Tensor:
     """The uint8 levels of ``x`` (0..255): PyTorch's vectorised quantize kernel, its storage viewed as uint8.
 
-    That kernel is 5-10x faster on CPU than the same arithmetic in tensor ops (their float -> uint8
+    That kernel is about 10x faster on CPU than the same arithmetic in tensor ops (their float -> uint8
     cast is not vectorised) and rounds exactly as ``fake_quantize_per_tensor_affine`` (tested). It
     makes a (deprecated) quantized tensor: where it is gone, the tensor ops take over.
     """

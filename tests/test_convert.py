@@ -125,7 +125,7 @@ def test_first_layer_computes_the_fake_quant_conv_to_float_rounding(small: tuple
     final = fxcompress.finalize(gm)
     with torch.no_grad():
         levels = int8.conv.input_quantizer(x)
-        expected = final.bn(final.conv.input_quantizer(x).new_tensor(0) + _fake_quant_conv(final, x))
+        expected = final.bn(_fake_quant_conv(final, x))
         got = F.relu(int8.conv(levels))
     torch.testing.assert_close(got, F.relu(expected), rtol=0, atol=1e-5 * float(expected.abs().max()))
 
@@ -264,3 +264,22 @@ def test_a_model_without_quantized_weights_is_refused() -> None:
 def test_a_model_fxcompress_did_not_compress_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="convert: expected a model returned by fxcompress.compress"):
         fxcompress.convert(Small(), (images(1, 0),))
+
+
+def test_a_batchnorm_not_folded_in_qat_is_folded_into_the_int8_scales_negative_gammas_included() -> None:
+    torch.manual_seed(0)
+    model = Small()
+    with torch.no_grad():
+        model.bn.weight[:4] *= -1  # gamma < 0: the folded weight's levels change sign
+    gm = fxcompress.compress(model, [{"op_types": LAYERS, **QAT}], fold_bn=False)
+    train_forwards(gm, [(images(8, s),) for s in range(4)])
+    int8 = fxcompress.convert(gm, (images(2, 10),))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
+    assert bool((int8.conv.weight_scale > 0).all())
+    x = images(16, 42)
+    with torch.no_grad():
+        assert cosine(int8(x), gm(x)) > 0.999
+        levels = int8.conv.input_quantizer(x)
+        expected = gm.bn(F.conv2d(gm.conv.input_quantizer(x, torch.tensor(10)),
+                                  gm.conv.weight_quantizer(gm.conv.weight, torch.tensor(10)), gm.conv.bias, padding=1))
+        torch.testing.assert_close(int8.conv(levels), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
