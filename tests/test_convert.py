@@ -283,3 +283,28 @@ def test_a_batchnorm_not_folded_in_qat_is_folded_into_the_int8_scales_negative_g
         expected = gm.bn(F.conv2d(gm.conv.input_quantizer(x, torch.tensor(10)),
                                   gm.conv.weight_quantizer(gm.conv.weight, torch.tensor(10)), gm.conv.bias, padding=1))
         torch.testing.assert_close(int8.conv(levels), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_a_conv_the_config_excludes_keeps_float_weights_with_its_batchnorm_folded() -> None:
+    torch.manual_seed(0)
+    gm = fxcompress.compress(Small(), [{"op_types": LAYERS, **QAT}, {"exclude": True, "op_names": ["conv"]}])
+    train_forwards(gm, [(images(8, s),) for s in range(4)])
+    int8 = fxcompress.convert(gm, (images(2, 10),))
+    assert type(int8.conv) is nn.Conv2d and int8.conv.weight.dtype == torch.float32
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
+    x = images(16, 42)
+    with torch.no_grad():
+        assert cosine(int8(x), gm(x)) > 0.999
+
+
+def test_int_activations_are_shifted_into_uint8_levels() -> None:
+    gm = trained_small({"quant_dtype": {"input": "int"}, "quant_scheme": {"input": "per_tensor_symmetric"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # shifted levels reach 191: without VNNI the sums may saturate (README)
+        int8 = fxcompress.convert(gm, (images(2, 10),))
+    q = int8.conv.input_quantizer
+    assert (q.zero_point, q.qmin, q.qmax) == (128, 65, 191)  # int -63..63 (reduced range), shifted by 128
+    x = images(16, 42)
+    with torch.no_grad():
+        torch.testing.assert_close(((q(x).float() - 128) * q.scale), gm.conv.input_quantizer(x, torch.tensor(10)))
+        assert cosine(int8(x), gm(x)) > 0.99
