@@ -52,5 +52,5 @@ def _added(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if get_role(node) is not None:
         return True
     if node.op == "call_function":
-        return node.target in (masked_weight, masked_bias, *FOLD_FUNCTIONS)
+        return node.target in (masked_weight, masked_bias, masked_channels, *FOLD_FUNCTIONS)
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ADDED_MODULES)
