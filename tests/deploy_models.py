@@ -11,14 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
 
-from .fixtures import Nested, SeedModel, seed_input
+from .fixtures import Nested, SeedModel, WithBranchyBlock, seed_input
 
-__all__ = ["ALL_TYPES", "BUILDERS", "Cross", "Leafy", "build", "train_forwards"]
+__all__ = ["ALL_TYPES", "BUILDERS", "Cross", "build", "train_forwards"]
 
 ALL_TYPES = {"quant_types": ["input", "weight", "output"], "quant_bits": 8, "quant_start_step": 2}
 PRUNE_QUANT = [{"op_types": ["Conv1d", "Conv2d", "Linear"], "sparsity_per_layer": 0.5, **ALL_TYPES}]
@@ -31,31 +30,6 @@ def train_forwards(gm: nn.Module, batches: list[tuple[Any, ...]]) -> nn.Module:
         for batch in batches:
             gm(*batch)
     return gm.eval()
-
-
-class DataDependentBlock(nn.Module):
-    """fx cannot trace it (a branch on a value): its layers are compressed inside a leaf."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.conv = nn.Conv1d(1, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return F.relu(self.fc(x))
-        return self.conv(x.unsqueeze(1)).squeeze(1)
-
-
-class Leafy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(8, 8)
-        self.block = DataDependentBlock()
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.stem(x)))
 
 
 class Cross(nn.Module):
@@ -84,7 +58,7 @@ def _nested() -> tuple[nn.Module, nn.Module, tuple[Any, ...]]:
 
 
 def _leafy() -> tuple[nn.Module, nn.Module, tuple[Any, ...]]:
-    model = Leafy()
+    model = WithBranchyBlock()
     gm = fxcompress.compress(model, PRUNE_QUANT)
     batches = [(torch.rand(4, 8) + 1,), (-torch.rand(4, 8) - 1,), (torch.rand(4, 8) + 1,)]  # both branches
     return model, train_forwards(gm, batches), (torch.rand(3, 8) + 0.5,)

@@ -10,7 +10,8 @@ from torch import nn
 
 from fxcompress.examples import SeedModel
 
-__all__ = ["CalledTwice", "Nested", "SeedModel", "TwoLayers", "masked_reference", "seed_input"]
+__all__ = ["CalledTwice", "DataDependentBlock", "Nested", "SeedModel", "TwoLayers", "WithBranchyBlock", "masked_reference",
+           "seed_input"]
 
 
 def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
@@ -110,3 +111,28 @@ class Nested(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
         return self.head(x.mean(dim=(2, 3)))
+
+
+class DataDependentBlock(nn.Module):
+    """fx cannot trace it (a branch on a value): its layers are compressed inside a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return F.relu(self.fc(x))
+        return self.conv(x.unsqueeze(1)).squeeze(1)
+
+
+class WithBranchyBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.block = DataDependentBlock()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)))

@@ -89,6 +89,15 @@ def compress(model: nn.Module, config: list[dict[str, Any]], **kwargs: Any) -> n
         return fxcompress.compress(model, config, **kwargs)
 
 
+def observed(name: str, config: list[dict[str, Any]] = TRAIN) -> nn.Module:
+    """``name`` compressed with ``config`` after two training forwards (ranges observed), in eval mode."""
+    gm = compress(build(name), config).train()
+    with torch.no_grad():
+        for _ in range(2):
+            gm(**inputs(name))
+    return gm.eval()
+
+
 def called_linears(model: nn.Module, name: str) -> set[str]:
     """The nn.Linear modules a train-mode forward calls, seen by forward hooks on the original."""
     seen: set[str] = set()

@@ -95,15 +95,11 @@ def test_a_consumer_reproduces_the_traced_fake_quant_model_from_the_two_files(tm
 
 
 def test_a_consumer_reproduces_a_module_level_hugging_face_model(tmp_path) -> None:
-    from .hf_models import TRAIN, compress, inputs, logits
     from .hf_models import build as build_hf
+    from .hf_models import inputs, logits, observed
 
     name = "BertForSequenceClassification"
-    gm = compress(build_hf(name), TRAIN).train()
-    with torch.no_grad():
-        for _ in range(2):
-            gm(**inputs(name))
-    gm.eval()
+    gm = observed(name)
     state_path, calibration_path = str(tmp_path / "model.pth"), str(tmp_path / "calibration.pth")
     fxcompress.export_model(gm, state_path, calibration_path)
     state = torch.load(state_path, weights_only=True)

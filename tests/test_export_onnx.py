@@ -160,15 +160,10 @@ def test_a_pruned_only_model_exports_without_qdq(tmp_path) -> None:
 
 
 def test_a_module_level_hugging_face_model_exports_with_keyword_inputs(tmp_path) -> None:
-    from .hf_models import TRAIN, compress, inputs, logits
-    from .hf_models import build as build_hf
+    from .hf_models import inputs, logits, observed
 
     name = "BertForSequenceClassification"
-    gm = compress(build_hf(name), TRAIN).train()
-    with torch.no_grad():
-        for _ in range(2):
-            gm(**inputs(name))
-    gm.eval()
+    gm = observed(name)
     x = inputs(name, labels=False)
     model, path = export(gm, (x["input_ids"], {"attention_mask": x["attention_mask"]}), tmp_path)
     assert len(ops(model, "QuantizeLinear")) == len(frozen(gm)) == 42  # 14 Linear layers x 3

@@ -15,31 +15,7 @@ import fxcompress
 from fxcompress import ConfigError
 from fxcompress.layers import CompressedLayer
 
-from .fixtures import SeedModel, masked_reference, seed_input
-
-
-class DataDependentBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.conv = nn.Conv1d(1, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return F.relu(self.fc(x))
-        return self.conv(x.unsqueeze(1)).squeeze(1)
-
-
-class WithBranchyBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(8, 8)
-        self.block = DataDependentBlock()
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.stem(x)))
-
+from .fixtures import DataDependentBlock, SeedModel, WithBranchyBlock, masked_reference, seed_input
 
 PRUNE = [{"op_types": ["default"], "sparsity_per_layer": 0.5}]
 
