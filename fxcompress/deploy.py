@@ -237,6 +237,8 @@ def export_model(gm: nn.Module, model_path: str | os.PathLike,
     ``{kind}_scale`` / ``{kind}_zero_point``; ``key_input`` / ``value_input`` for an attention's key
     and value) for every quantizer that is on in eval mode; one that is off is left out, with a
     warning as :func:`finalize` gives. Weight fields describe the masked weight of the saved state dict.
+    Each layer also has ``quant_reduce_range``: whether its activations use the levels of one bit fewer
+    (the config key of that name; uint8 0..127), which their bits and scale alone do not say.
 
     Args:
         gm: a model returned by ``fxcompress.compress``.

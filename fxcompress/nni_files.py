@@ -10,6 +10,9 @@ the tracked range): with them a consumer reproduces the fake-quant model from th
 A conv whose BatchNorm is folded for QAT (``plan.folds_bn``) has ``weight_folded_bn``, the
 BatchNorm's name: its weight fields describe the folded weight ``w * gamma / sqrt(running_var + eps)``
 (SPEC §5), which the consumer computes from the state dict's conv and BatchNorm entries.
+Every quantized layer has ``quant_reduce_range`` (the config key's name): True when the layer was
+trained with it, its activations (input, output; an attention's key and value inputs) then using
+the levels of one bit fewer (uint8 0..127, int8 -63..63) while its weight keeps all of its own.
 """
 
 from __future__ import annotations
@@ -97,5 +100,8 @@ def nni_calibration(gm: nn.Module) -> dict[str, dict[str, Any]]:
                                f"{kind}_zero_point": int(zero_point)})
             fields.update({f"{kind}_scheme": q.scheme, f"{kind}_dtype": q.dtype})
         if fields:
+            # weights never reduce their range (config.py): the activation settings carry the key
+            fields["quant_reduce_range"] = any(s is not None and s.reduce_range
+                                               for s in (plan.quant.input, plan.quant.output))
             out[name] = fields
     return out

@@ -25,8 +25,9 @@ def levels(bits: int, dtype: str) -> tuple[int, int]:
 
 
 def activation_qparams(fields: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Scale and zero point from the tracked range (float32, as the model computes them)."""
-    qmin, qmax = levels(fields[f"{kind}_bits"], fields[f"{kind}_dtype"])
+    """Scale and zero point from the tracked range (float32, as the model computes them); with
+    ``quant_reduce_range`` an activation uses the levels of one bit fewer."""
+    qmin, qmax = levels(fields[f"{kind}_bits"] - fields["quant_reduce_range"], fields[f"{kind}_dtype"])
     lo = torch.tensor(min(fields[f"tracked_min_{kind}"], 0.0))
     hi = torch.tensor(max(fields[f"tracked_max_{kind}"], 0.0))
     eps = torch.finfo(torch.float32).eps
@@ -92,6 +93,37 @@ def test_a_consumer_reproduces_the_traced_fake_quant_model_from_the_two_files(tm
     with torch.no_grad():
         assert torch.equal(consumer(*x), gm(*x))
     assert not torch.equal(consumer(*x), original.eval()(*x))
+
+
+def test_quant_reduce_range_is_recorded_per_layer_and_a_consumer_reproduces_it(tmp_path) -> None:
+    torch.manual_seed(0)
+    gm = fxcompress.compress(SeedModel(), [
+        {"op_types": ["Conv2d"], "quant_types": ["input", "weight", "output"], "quant_bits": 8,
+         "quant_reduce_range": True},
+        {"op_names": ["fc1"], "quant_types": ["input", "weight"], "quant_bits": 8, "quant_dtype": "int",
+         "quant_reduce_range": True},
+        {"op_names": ["fc2"], "quant_types": ["input", "weight", "output"], "quant_bits": 8}])
+    train_forwards(gm, [(seed_input(4),) for _ in range(3)])
+    state_path, calibration_path = str(tmp_path / "model.pth"), str(tmp_path / "calibration.pth")
+    calibration = fxcompress.export_model(gm, state_path, calibration_path)
+    assert {name: fields["quant_reduce_range"] for name, fields in calibration.items()} == {
+        "conv1": True, "conv2": True, "fc1": True, "fc2": False}
+    # what the flag says: the activations' levels are those of 7 bits (the weights keep 8), and the
+    # activation scale written beside it is that of the reduced levels
+    assert activation_qparams(calibration["conv1"], "input")[2:] == (0, 127)
+    assert activation_qparams(calibration["fc1"], "input")[2:] == (-63, 63)
+    assert activation_qparams(calibration["fc2"], "input")[2:] == (0, 255)
+    for name, fields in calibration.items():
+        for kind in ("input", "output"):
+            if f"{kind}_bits" in fields:
+                assert fields[f"{kind}_scale"] == float(activation_qparams(fields, kind)[0]), (name, kind)
+    x = seed_input(3)
+    with torch.no_grad():
+        assert torch.equal(reproduce(SeedModel(), state_path, calibration_path)(x), gm(x))
+        # a consumer needs the flag: taking the reduced layers for full-range ones computes something else
+        ignored = {name: {**fields, "quant_reduce_range": False} for name, fields in calibration.items()}
+        torch.save(ignored, tmp_path / "ignored.pth")
+        assert not torch.equal(reproduce(SeedModel(), state_path, str(tmp_path / "ignored.pth"))(x), gm(x))
 
 
 def test_a_consumer_reproduces_a_module_level_hugging_face_model(tmp_path) -> None:
