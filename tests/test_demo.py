@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 
 import pytest
 import torch
 
+import fxcompress
 from fxcompress import demo, examples
 from fxcompress.examples import Digits, SeedModel
+
+DEPLOY_TITLE = "== deploy the 8-bit QAT model: finalize -> convert (int8) -> export_onnx (onnxruntime) =="
+DEPLOY_COLUMNS = ["model", "test accuracy", "size (bytes)", "smaller", "latency (ms)", "faster",
+                  "max abs diff vs fake-quant"]
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +63,67 @@ def test_quick_demo_shows_progress_and_ends_with_the_example(small_digits: Digit
                         ("80% pruned", "1", "1", "4"), ("8-bit QAT", "1", "1", "4"),
                         ("50% pruned + 8-bit QAT", "1", "1", "4")]
     assert out.endswith(demo.EXAMPLE + "\n")
+    # the deploy step comes last before the example, on the QAT model trained above
+    deploy = out[out.index(DEPLOY_TITLE):out.rindex("\n== your turn")]
+    assert out.index(DEPLOY_TITLE) > out.index("== 50% pruning + 8-bit QAT")
+    lines = deploy.splitlines()
+    assert lines[1].startswith("QAT config: 'quant_reduce_range': True (7-bit activations, uint8 levels 0..127), ")
+    if _vnni() is False:  # this machine: AVX2, no VNNI
+        assert f"because this CPU ({torch.backends.cpu.get_cpu_capability()}) has no VNNI: " in lines[1]
+    rows = deploy_rows(deploy)
+    assert list(rows) == ["float (the float reference)", "fake-quant (finalize)", "int8 (convert)",
+                          "onnxruntime (export_onnx)"]
+    accuracy = {label: float(row["test accuracy"].removesuffix("%")) for label, row in rows.items()}
+    # the table's models are the ones trained above: the same accuracies as printed there
+    float_reference = re.search(r"\(the float reference\): (\d+\.\d\d)%", out)[1]
+    qat = re.search(r"fake-quant after 1 epochs of QAT: (\d+\.\d\d)%", out)[1]
+    assert (accuracy["float (the float reference)"], accuracy["fake-quant (finalize)"]) == (float(float_reference),
+                                                                                            float(qat))
+    one_image = 100 / len(small_digits.y_test)
+    assert abs(accuracy["int8 (convert)"] - accuracy["fake-quant (finalize)"]) <= 2 * one_image
+    assert abs(accuracy["onnxruntime (export_onnx)"] - accuracy["fake-quant (finalize)"]) <= 2 * one_image
+    reach = float(re.search(r"log-probabilities on the 64 test images \(which reach (\S+)\)$", deploy, re.M)[1])
+    diff = {label: float(row["max abs diff vs fake-quant"]) for label, row in rows.items() if label[0] in "io"}
+    assert diff["int8 (convert)"] <= 0.01 * reach and diff["onnxruntime (export_onnx)"] <= 0.03 * reach
+    size = {label: int(row["size (bytes)"].replace(",", "")) for label, row in rows.items()}
+    assert size["int8 (convert)"] * 3.5 < size["float (the float reference)"]
+    assert rows["int8 (convert)"]["smaller"] == f"{size['float (the float reference)'] / size['int8 (convert)']:.2f}x"
+    assert all(float(row["latency (ms)"]) > 0 for row in rows.values())
+    assert "median of 3 interleaved rounds, one batch of 64 test images, 1 thread" in deploy
+    ort = re.search(r"^onnxruntime (\S+) ran the ONNX file \(default optimizations: QDQ fused into integer kernels\): "
+                    r"test accuracy (\d+\.\d\d)%, max abs diff vs the fake-quant model (\S+)$", deploy, re.M)
+    assert ort is not None, deploy
+    assert (float(ort[2]), float(ort[3])) == (accuracy["onnxruntime (export_onnx)"], diff["onnxruntime (export_onnx)"])
+
+
+def test_without_onnxruntime_the_deploy_step_says_so_and_skips_its_row(small_digits: Digits, monkeypatch,
+                                                                        capsys) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    torch.manual_seed(0)
+    model = SeedModel()
+    gm = fxcompress.compress(model, [{**demo.QAT_CONFIG, "quant_start_step": 2}])
+    examples.train_epochs(gm, small_digits, 1, lr=0.01)
+    demo.deploy(model, gm, small_digits, rounds=1)
+    out = capsys.readouterr().out
+    assert "\nonnxruntime is not installed, so the onnxruntime row is skipped (pip install 'fxcompress[onnx]')\n" in out
+    rows = deploy_rows(out)
+    assert list(rows) == ["float (the float reference)", "fake-quant (finalize)", "int8 (convert)"]
+    assert "ran the ONNX file" not in out
+
+
+def deploy_rows(text: str) -> dict[str, dict[str, str]]:
+    """The deploy table (GitHub markdown, as printed) as {model: {column: cell}}."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == DEPLOY_COLUMNS
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert all(len(row) == len(DEPLOY_COLUMNS) for row in rows)
+    return {row[0]: dict(zip(DEPLOY_COLUMNS, row, strict=True)) for row in rows}
+
+
+def _vnni() -> bool | None:
+    """Whether the CPU has VNNI (or AMX), None where /proc/cpuinfo does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(f.read().split()))
+    except OSError:
+        return None
