@@ -34,6 +34,7 @@ from fxcompress.passes.quantize import insert_fake_quant
 from fxcompress.passes.strip import strip_compression
 from fxcompress.pruning import check_tied, check_unclaimed
 from fxcompress.settings import SubConfig
+from fxcompress.taylor import HOW, taylor_layers
 from fxcompress.tracing import LeafSpec, trace, with_module_tree
 
 __all__ = ["compress", "layer_infos", "plan", "select", "trace"]
@@ -59,6 +60,8 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
         inplace: reuse the model's modules instead of a deep copy.
         start_dense: install all-ones masks and prune nothing yet, so that a
             ``SparsityScheduler`` ramps from the dense weights (the final target is checked now).
+            Layers pruned with criterion ``'taylor'`` (|w·grad|) start so anyway, with a warning:
+            their masks are computed by ``update_masks(gm, data=..., loss_fn=...)``.
         fold_bn: a weight-quantized conv whose output only a BatchNorm reads quantizes the
             BatchNorm-folded weight (the weight the deployed model holds); see ``fxcompress.folding``.
     Returns:
@@ -80,7 +83,10 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     _plan_groups(gm, example_inputs)
     if module_level_reason(gm) is not None:
         plans = plans_of(gm)
-        rewrite_modules(gm, plans, pending_module_masks(gm, plans, 0.0 if start_dense else 1.0))
+        module_masks = pending_module_masks(gm, plans, 0.0 if start_dense else 1.0)
+        rewrite_modules(gm, plans, module_masks)
+        if not start_dense:
+            _warn_waiting(plans, module_masks)
         if example_inputs is not None:
             _smoke_run(gm, example_inputs)
         return gm
@@ -88,6 +94,8 @@ def compress(model: torch.nn.Module, config_list: Any, *, example_inputs: Sequen
     rewrite_leaf_layers(gm)
     functionalize_layers(gm, finalize=False)
     rewrite_pruned_layers(gm, masks=masks, finalize=False)
+    if not start_dense:
+        _warn_waiting(plans_of(gm), masks)
     insert_fake_quant(gm, finalize=False)
     fold_batchnorm(gm)
     gm.graph.lint()
@@ -216,6 +224,18 @@ def _record_plans(gm: torch.nn.Module, plans: dict[str, LayerPlan]) -> None:
     gm._modules.clear()
     gm.add_module(RECORD, CompressionRecord(plans).train(gm.training))
     gm._modules.update(others)
+
+
+def _warn_waiting(plans: dict[str, LayerPlan], masks: dict[str, torch.Tensor]) -> None:
+    """Say that the layers this compress masked with criterion 'taylor' keep every weight until scored."""
+    names = [n for n in taylor_layers(plans) if n in masks]
+    if not names:
+        return
+    configs = sorted({plans[n].config_index for n in names})
+    shown = ", ".join(map(repr, names[:4])) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    warnings.warn(f"compress: config_list{configs} prunes with criterion 'taylor', which ranks weights by |w·grad| "
+                  f"and so needs gradients: layers {shown} keep every weight (the plan says 'waiting for gradients') "
+                  f"until {HOW} scores them", UserWarning, stacklevel=caller_stacklevel())
 
 
 def _smoke_run(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fxcompress.attention import resolve_layer
-from fxcompress.settings import PruneSetting
+from fxcompress.settings import GRADIENT_CRITERIA, PruneSetting
 from fxcompress.sparsity import partition_mask, scores
 
 __all__ = ["GROUPS", "GroupPlan", "GroupRecord", "group_keep", "group_record", "masked_channels"]
@@ -88,12 +88,13 @@ class GroupRecord(nn.Module):
         """The group plans ``name`` makes channels of."""
         return [p for p in self.plans if name in p.layers]
 
-    def masks(self, gm: nn.Module, names: Iterable[str], fraction: float = 1.0) -> dict[str, Tensor]:
+    def masks(self, gm: nn.Module, names: Iterable[str], fraction: float = 1.0,
+              importance: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Bool keep-masks for the ``out_channel`` layers in ``names`` and for the norms of their groups.
 
         A layer in a pruned group gets that group's mask on the rows holding its channels; rows in
         no pruned group (a group not pruned, or a layer without group) are kept. A norm's mask has
-        its parameters' shape.
+        its parameters' shape. ``importance``: as for :meth:`channel_mask`.
         """
         names = set(names)
         rows: dict[str, Tensor] = {}
@@ -102,7 +103,7 @@ class GroupRecord(nn.Module):
         for plan in self.plans:
             if plan.prune is None or not set(plan.layers) <= names:
                 continue
-            keep = self.channel_mask(gm, plan, fraction)
+            keep = self.channel_mask(gm, plan, fraction, importance)
             for m in plan.group.members:
                 if m.role == "out" and m.param == "weight" and m.layer in rows:
                     rows[m.layer][list(m.positions)] &= keep[list(m.channels)]
@@ -115,16 +116,27 @@ class GroupRecord(nn.Module):
             out[name] = keep.reshape(-1, *([1] * (weight.dim() - 1))).expand(weight.shape).clone()
         return out
 
-    def channel_mask(self, gm: nn.Module, plan: GroupPlan, fraction: float = 1.0) -> Tensor:
+    def channel_mask(self, gm: nn.Module, plan: GroupPlan, fraction: float = 1.0,
+                     importance: Mapping[str, Tensor] | None = None) -> Tensor:
         """The group's bool channel keep-mask: filter scores summed over its layers, the lowest pruned,
-        ``floor(s·n)`` in each partition of ``n`` (s: the sparsity times ``fraction``)."""
+        ``floor(s·n)`` in each partition of ``n`` (s: the sparsity times ``fraction``).
+
+        With criterion ``'taylor'`` a filter's score is the sum of its accumulated |w·grad| taken from
+        ``importance`` (layer name -> weight-shaped tensor); a group whose layers have none yet is
+        waiting for gradients and keeps every channel.
+        """
         setting, group = plan.prune, plan.group
+        gradient = setting.criterion in GRADIENT_CRITERIA
+        if gradient and not all(n in (importance or {}) for n in plan.layers):
+            return torch.ones(group.channels, dtype=torch.bool)
         total = torch.zeros(group.channels, dtype=torch.float64)
         for m in group.members:
             if m.role == "out" and m.param == "weight" and m.layer in plan.layers:
                 layer = resolve_layer(gm, m.layer)
                 mask = getattr(layer, "weight_mask", None)
                 weight = layer.weight.detach() if mask is None else layer.weight.detach() * mask
+                if gradient:
+                    weight = importance[m.layer]
                 rows = scores(weight, setting, m.layer).double().cpu()
                 total.index_add_(0, torch.tensor(m.channels, dtype=torch.long), rows[list(m.positions)])
         sparsity = setting.sparsity_per_layer * fraction if fraction < 1.0 else setting.sparsity_per_layer

@@ -211,6 +211,10 @@ def _check_prune_combination(where: str, s: PruneSetting) -> None:
     if s.total_sparsity is not None and s.granularity != "element":
         raise ConfigError(f"{where}['granularity']: 'total_sparsity' ranks single weights globally and "
                           f"needs granularity 'element', got {s.granularity!r}; use 'sparsity_per_layer'")
+    if s.criterion == "taylor" and s.n_m is not None:
+        raise ConfigError(f"{where}['criterion']: 'taylor' does not combine with granularity '{s.granularity}' "
+                          "(an N:M pattern keeps the largest |w| of each block); use granularity 'element' or "
+                          "'out_channel' with 'sparsity_per_layer', or drop 'criterion'")
     if s.criterion == "fpgm" and s.granularity != "out_channel":
         raise ConfigError(f"{where}['criterion']: 'fpgm' ranks whole filters; add "
                           "'granularity': 'out_channel'")

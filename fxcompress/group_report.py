@@ -17,6 +17,7 @@ from torch import nn
 
 from fxcompress.attention import resolve_layer
 from fxcompress.channel_groups import GroupPlan, GroupRecord, group_keep, group_record
+from fxcompress.settings import GRADIENT_CRITERIA, ratio_floor
 
 __all__ = ["GroupRow", "group_column", "group_report", "group_table", "removed_by_group"]
 
@@ -49,11 +50,21 @@ def group_report(gm: nn.Module, allocated: Mapping[str, torch.Tensor] | None = N
     for plan in record.plans:
         keep = _keep(gm, plan, allocated)
         removed = None if keep is None else removed_by_group(gm, record, plan, keep)
-        rows.append(GroupRow(plan.id, plan.group.channels, plan.group.num_partitions, plan.layers,
-                             "pruned" if plan.prune is not None else f"not pruned: {plan.reason}",
+        rows.append(GroupRow(plan.id, plan.group.channels, plan.group.num_partitions, plan.layers, _status(plan, keep),
                              None if keep is None else int((~keep).sum()),
                              None if removed is None else removed[0], None if removed is None else removed[1]))
     return rows
+
+
+def _status(plan: GroupPlan, keep: torch.Tensor | None) -> str:
+    """``pruned``, ``not pruned: <why>``, or for a ``'taylor'`` group whose masks keep every channel although
+    its target prunes some: ``taylor: waiting for gradients`` (``update_masks(gm, data=...)`` scores it)."""
+    if plan.prune is None:
+        return f"not pruned: {plan.reason}"
+    if plan.prune.criterion in GRADIENT_CRITERIA and keep is not None and bool(keep.all()) and any(
+            ratio_floor(plan.prune.sparsity_per_layer, len(part)) for part in plan.group.partitions):
+        return "taylor: waiting for gradients"
+    return "pruned"
 
 
 def group_column(gm: nn.Module, layer: str) -> str:

@@ -15,6 +15,7 @@ from fxcompress.annotations import LayerPlan
 from fxcompress.attention import resolve_layer
 from fxcompress.channel_groups import group_record
 from fxcompress.errors import ConfigError
+from fxcompress.settings import GRADIENT_CRITERIA
 from fxcompress.sparsity import global_masks, layer_mask
 
 __all__ = ["check_tied", "check_unclaimed", "compute_masks", "effective_weight", "install_masks", "tied_layers", "zero_pruned"]
@@ -76,8 +77,8 @@ def check_unclaimed(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], previou
                                       "make; fxcompress stores its mask under that name: rename yours")
 
 
-def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction: float = 1.0
-                  ) -> dict[str, torch.Tensor]:
+def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction: float = 1.0,
+                  importance: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Bool weight keep-masks of the pruned layers in ``plans``, from their effective weights.
 
     ``total_sparsity`` layers are allocated together per sub-config (the group of layers for
@@ -86,29 +87,44 @@ def compute_masks(gm: torch.nn.Module, plans: Mapping[str, LayerPlan], fraction:
     the ``out_channel`` layers get their groups' channel masks instead, and the result also holds
     the masks of the norms over pruned channels (keyed by the norm's name, shaped like its weight).
 
+    ``importance`` holds, per criterion ``'taylor'`` layer, its accumulated |w·grad| (weight-shaped,
+    from :func:`fxcompress.taylor.taylor_importance`), which ranks it instead of its weight. A taylor
+    layer without one is *waiting for gradients*: it keeps every weight (its group every channel),
+    though a ``total_sparsity`` target is still checked, so unreachable caps fail now.
+
     Raises:
         ConfigError: unreachable caps, or an N:M pattern that does not fit a layer.
     """
+    importance = importance or {}
     pruned = [n for n, p in plans.items() if p.prune is not None and p.compressed]
     tied = tied_layers(gm, pruned)
     owners = [n for n in pruned if tied.get(n, [n])[0] == n]
     masks: dict[str, torch.Tensor] = {}
     groups: dict[int, dict[str, torch.Tensor]] = {}
+    waiting: set[str] = set()
     record = group_record(gm)
     if record is not None:
         grouped = [n for n in owners if plans[n].prune.granularity == "out_channel"]
-        masks.update(record.masks(gm, grouped, fraction))
+        masks.update(record.masks(gm, grouped, fraction, importance))
         owners = [n for n in owners if n not in grouped]
     for name in owners:
         plan = plans[name]
         weight = effective_weight(resolve_layer(gm, name))
+        if plan.prune.criterion in GRADIENT_CRITERIA:
+            if name not in importance:
+                waiting.add(name)
+            weight = importance.get(name, torch.zeros_like(weight))
         if plan.prune.total_sparsity is not None:
             groups.setdefault(plan.config_index, {})[name] = weight
+        elif name in waiting:
+            masks[name] = torch.ones_like(weight, dtype=torch.bool)
         else:
             masks[name] = layer_mask(weight, plan.prune, name, fraction)
     for index, weights in groups.items():
         setting = plans[next(iter(weights))].prune
-        masks.update(global_masks(weights, setting, f"config_list[{index}]", fraction))
+        masks.update(global_masks(weights, setting, f"config_list[{index}]", fraction))  # checks the caps
+    for name in waiting:
+        masks[name] = torch.ones_like(masks[name])
     # a tied layer that is not its weight's first holder shares that holder's mask
     return {**masks, **{name: masks[tied[name][0] if name in tied else name] for name in pruned}}
 

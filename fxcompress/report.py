@@ -14,6 +14,7 @@ from fxcompress.annotations import LayerPlan, plans_of
 from fxcompress.attention import resolve_layer
 from fxcompress.group_report import group_column, group_table
 from fxcompress.settings import QuantSetting
+from fxcompress.taylor import waiting_layers
 
 __all__ = ["LayerRow", "calibration", "report", "summary"]
 
@@ -49,10 +50,13 @@ def report(gm: torch.fx.GraphModule, allocated: Mapping[str, torch.Tensor] | Non
     >>> [r.name for r in report(gm)]  # doctest: +SKIP
     ['conv1', 'conv2', 'fc1']
     """
-    return [_row(gm, plan, (allocated or {}).get(plan.name)) for plan in plans_of(gm).values()]
+    plans = plans_of(gm)
+    waiting = waiting_layers(gm, plans, allocated)
+    return [_row(gm, plan, (allocated or {}).get(plan.name), plan.name in waiting) for plan in plans.values()]
 
 
-def _row(gm: torch.nn.Module, plan: LayerPlan, allocated: torch.Tensor | None = None) -> LayerRow:
+def _row(gm: torch.nn.Module, plan: LayerPlan, allocated: torch.Tensor | None = None,
+         waiting: bool = False) -> LayerRow:
     layer = _module_or_none(gm, plan.name) if plan.used else None
     params = 0 if layer is None else layer.weight.numel()
     mask = getattr(layer, "weight_mask", None) if plan.compressed and plan.prune is not None else None
@@ -70,7 +74,7 @@ def _row(gm: torch.nn.Module, plan: LayerPlan, allocated: torch.Tensor | None = 
             ranges.append(f"{kind} not observed")
     site = _site(plan)
     return LayerRow(name=plan.name, type_name=plan.type_name, site=site, params=params, config_index=plan.config_index,
-                    overridden=plan.overridden, excluded=plan.excluded, target=_target(plan),
+                    overridden=plan.overridden, excluded=plan.excluded, target=_target(plan, waiting),
                     achieved_sparsity=None if pruned is None else pruned / params, pruned=pruned, quant=quant,
                     start_step=None if q is None else q.start_step, ranges="; ".join(ranges),
                     group=group_column(gm, plan.name))
@@ -101,7 +105,13 @@ def _quant_text(kind: str, s: QuantSetting) -> str:
     return f"{kind} {s.dtype}{s.bits} {scheme}"
 
 
-def _target(plan: LayerPlan) -> str:
+def _target(plan: LayerPlan, waiting: bool = False) -> str:
+    """The ``target`` column; a ``'taylor'`` layer not scored yet says it waits for gradients."""
+    text = _setting_text(plan)
+    return text.removesuffix(" (taylor)") + " (taylor: waiting for gradients)" if waiting else text
+
+
+def _setting_text(plan: LayerPlan) -> str:
     p = plan.prune
     if plan.excluded:
         return "excluded"

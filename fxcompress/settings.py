@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_DTYPE",
     "DEFAULT_SCHEME",
     "DTYPES",
+    "GRADIENT_CRITERIA",
     "KNOWN_TYPE_NAMES",
     "QUANT_TYPES",
     "SCHEMES",
@@ -34,7 +35,9 @@ QUANT_TYPES: tuple[str, ...] = ("weight", "input", "output")
 SCHEMES: tuple[str, ...] = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
                             "per_channel_symmetric")
 DTYPES: tuple[str, ...] = ("int", "uint")
-CRITERIA: tuple[str, ...] = ("level", "l1", "l2", "fpgm", "random")
+CRITERIA: tuple[str, ...] = ("level", "l1", "l2", "fpgm", "random", "taylor")
+#: Criteria that rank by gradients, not by the weights alone: their masks wait for ``update_masks(gm, data=...)``.
+GRADIENT_CRITERIA: tuple[str, ...] = ("taylor",)
 #: SPEC.md §5 defaults: weights per channel symmetric int, activations per tensor affine uint.
 DEFAULT_SCHEME: Mapping[str, str] = MappingProxyType(
     {"weight": "per_channel_symmetric", "input": "per_tensor_affine", "output": "per_tensor_affine"})

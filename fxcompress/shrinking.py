@@ -18,6 +18,7 @@ state dict: ``fast.state_dict()`` records which filters were pruned (``fxcompres
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -43,6 +44,7 @@ from fxcompress.passes.shrink import fold_constants, layer_calls, measure_inputs
 from fxcompress.passes.shrink_graph import ShrinkError, replace_shuffles, rewrite_sizes, slot_keep
 from fxcompress.passes.strip import strip_compression
 from fxcompress.pruning import install_masks
+from fxcompress.taylor import HOW, waiting_layers
 
 __all__ = ["SPEEDUP", "SpeedupError", "SpeedupRecord", "speedup", "speedup_from_state_dict"]
 
@@ -91,6 +93,10 @@ def speedup(gm: torch.fx.GraphModule, example_inputs: torch.Tensor | Sequence[An
     ...                'granularity': 'out_channel'}], example_inputs=(x,)))  # doctest: +SKIP
     """
     inputs = _inputs(gm, example_inputs)
+    waiting = sorted(waiting_layers(gm, plans_of(gm)))
+    if waiting:
+        raise SpeedupError(f"speedup: layers {', '.join(map(repr, waiting))} are pruned with criterion 'taylor' and "
+                           f"still wait for gradients (their masks keep every channel); call {HOW} first")
     new = copy.deepcopy(gm)
     masks = _masks(new)
     _bake(new, masks)
@@ -330,7 +336,9 @@ def speedup_from_state_dict(model: nn.Module, config_list: Any, state_dict: Mapp
     key = f"{SPEEDUP}._extra_state"
     if key not in state_dict:
         raise ConfigError(f"speedup_from_state_dict: the state dict has no {key!r}; it is not from a sped-up model")
-    gm = compress(model, config_list, example_inputs=inputs, **compress_kwargs)
+    with warnings.catch_warnings():  # the masks come from the state dict: 'taylor' layers wait for nothing
+        warnings.filterwarnings("ignore", message=r"compress: config_list\[.*criterion 'taylor'")
+        gm = compress(model, config_list, example_inputs=inputs, **compress_kwargs)
     pruned = state_dict[key]["pruned"]
     masks = {}
     for name in _masks(gm):  # every mask compress computed, set to the filters the checkpoint removed

@@ -69,9 +69,13 @@ def scores(weight: torch.Tensor, setting: PruneSetting, name: str) -> torch.Tens
 
     ``level``/``l1`` rank |w| (summed per filter), ``l2`` the L2 norm, ``fpgm`` each filter's
     total distance to the others (filters near the geometric median go first), ``random`` a draw
-    seeded by ``seed`` and the layer name.
+    seeded by ``seed`` and the layer name. For ``taylor`` the tensor given is not the weight but its
+    elementwise importance, the accumulated |w·grad| (:func:`fxcompress.taylor.taylor_importance`):
+    taken as is per element, summed per filter.
     """
     w = weight.detach().float()
+    if setting.criterion == "taylor":
+        return w if setting.granularity == "element" else w.reshape(w.shape[0], -1).sum(dim=1)
     if setting.criterion == "random":
         gen = torch.Generator().manual_seed(setting.seed + _stable_hash(name))
         shape = w.shape if setting.granularity == "element" else w.shape[:1]
