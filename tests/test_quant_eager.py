@@ -1,0 +1,299 @@
+"""The eager CPU fast path of the quantizers (issue 13) computes what the tensor path computes.
+
+Plain eager calls on CPU compute ranges, scales and the gate as Python floats, use PyTorch's own
+fake-quant kernels for small tensors and write large ones into reused buffers. Every figure here is
+compared bit for bit (sign of zero included) with the tensor path, the one torch.compile, export,
+tracing and CUDA use, and the values with PyTorch's kernels; the pool is checked never to write a
+tensor anyone still holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import pickle
+
+import pytest
+import torch
+
+import fxcompress.quant as quant
+from fxcompress.quant import ActivationQuantizer, BufferPool, WeightQuantizer, f32, qparams, qparams_float
+from fxcompress.settings import QuantSetting
+
+INF, NAN = float("inf"), float("nan")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns (a copy): -0.0 and 0.0 differ, equal NaNs agree."""
+    return t.detach().float().contiguous().view(torch.int32).clone()
+
+
+@pytest.fixture
+def tensor_path(monkeypatch: pytest.MonkeyPatch):
+    """Run a callable with the eager fast path switched off (the path compile and CUDA take)."""
+
+    def run(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(quant, "_plain_cpu", lambda x: False)
+            return fn(*args)
+
+    return run
+
+
+# -- Python-float qparams are float32 tensor qparams -----------------------------------------------
+
+SCHEMES = [("per_tensor_affine", "uint"), ("per_tensor_affine", "int"), ("per_tensor_symmetric", "int"),
+           ("per_tensor_symmetric", "uint")]
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 7, 8, 16])
+@pytest.mark.parametrize("scheme,dtype", SCHEMES)
+def test_float_qparams_equal_tensor_qparams_bit_for_bit(nbits: int, scheme: str, dtype: str) -> None:
+    s = QuantSetting(nbits, scheme, dtype)
+    gen = torch.Generator().manual_seed(nbits)
+    lows = torch.cat([-torch.rand(300, generator=gen) * 10.0 ** torch.randint(-30, 30, (300,), generator=gen),
+                      torch.tensor([0.0, -0.0, 1.0, -3e38, -1e-38, 5.0])])
+    highs = torch.cat([torch.rand(300, generator=gen) * 10.0 ** torch.randint(-30, 30, (300,), generator=gen),
+                       torch.tensor([0.0, 0.0, 2.0, 3e38, 1e-38, 7.0])])
+    for lo, hi in zip(lows.tolist(), highs.tolist(), strict=True):
+        scale_t, zp_t = qparams(torch.tensor(lo), torch.tensor(hi), s.qmin, s.qmax, s.symmetric)
+        scale, zp = qparams_float(lo, hi, s.qmin, s.qmax, s.symmetric)
+        assert torch.equal(bits(scale_t), bits(torch.tensor(scale))), (lo, hi)
+        assert float(zp_t) == zp, (lo, hi)
+
+
+def test_f32_rounds_like_float32_tensors() -> None:
+    values = [0.1, 1 / 3, 3.4028235e38, 3.4028236e38, 1e39, -1e39, 1e-46, 2.0**-149 * 0.6, 16777217.0]
+    for v in values:
+        assert bits(torch.tensor(f32(v))).item() == bits(torch.tensor(v, dtype=torch.float64).float()).item()
+
+
+# -- quantizers: fast path == tensor path ---------------------------------------------------------
+
+def batches(shape: tuple[int, ...], special: bool) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(sum(shape))
+    out = [torch.randn(shape, generator=gen) * (1 + i) + 0.3 * i for i in range(4)]
+    if special:  # a batch with inf and NaN, after the first (which initialises the range)
+        out[2] = out[2].clone()
+        out[2].view(-1)[:4] = torch.tensor([INF, -INF, NAN, -0.0])
+    out[3] = out[3].clone()
+    out[3].view(-1)[:3] = torch.tensor([-0.0, 1e-30, -1e-30])  # round to a signed zero
+    return out
+
+
+def run_activation(x_batches: list[torch.Tensor], scheme: str, dtype: str, nbits: int, start: int):
+    q = ActivationQuantizer(QuantSetting(nbits, scheme, dtype), start).train()
+    record = []
+    for i, xb in enumerate(x_batches):
+        x = xb.clone().requires_grad_()
+        out = q(x, torch.tensor(i))
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        record += [bits(out), bits(x.grad), bits(q.tracked_min), bits(q.tracked_max), bits(q.initialized)]
+    q.eval()
+    with torch.no_grad():
+        record.append(bits(q(x_batches[0] * 3, torch.tensor(9))))
+    return record
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 8, 16, 16)])  # PyTorch's kernel / the pooled passes
+@pytest.mark.parametrize("scheme,dtype", SCHEMES)
+@pytest.mark.parametrize("special", [False, True])
+def test_activation_fast_path_equals_tensor_path(tensor_path, shape, scheme: str, dtype: str, special: bool) -> None:
+    xs = batches(shape, special)
+    fast = run_activation(xs, scheme, dtype, 8, 1)
+    slow = tensor_path(run_activation, xs, scheme, dtype, 8, 1)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+
+
+def run_weight(w0: torch.Tensor, setting: QuantSetting, steps: int = 3):
+    q = WeightQuantizer(setting, 1).train()
+    w = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([w], lr=0.1)
+    record = []
+    for i in range(steps):
+        out = q(w, torch.tensor(i))
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        record += [bits(out), bits(w.grad)]
+        opt.step()
+        opt.zero_grad()
+    masked = w * (torch.arange(w.numel()).reshape(w.shape) % 3 != 0)  # a non-leaf weight (a pruned one)
+    out = q(masked, torch.tensor(5))
+    out.sum().backward()
+    record += [bits(out), bits(w.grad)]
+    return record
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 3), (64, 32, 3, 3), (300, 200)])
+@pytest.mark.parametrize("scheme,dtype", [("per_channel_symmetric", "int"), ("per_channel_affine", "uint"),
+                                          ("per_channel_symmetric", "uint"), ("per_tensor_affine", "int"),
+                                          ("per_tensor_symmetric", "int")])
+@pytest.mark.parametrize("nbits", [4, 8])
+def test_weight_fast_path_equals_tensor_path(tensor_path, shape, scheme: str, dtype: str, nbits: int) -> None:
+    gen = torch.Generator().manual_seed(len(shape) + nbits)
+    w0 = torch.randn(shape, generator=gen) * torch.linspace(0.01, 2, shape[0]).reshape([-1] + [1] * (len(shape) - 1))
+    w0.view(-1)[1] = 0.0  # a zero weight, and one that rounds to -0.0
+    w0.view(-1)[2] = -1e-9
+    setting = QuantSetting(nbits, scheme, dtype)
+    fast = run_weight(w0, setting)
+    slow = tensor_path(run_weight, w0, setting)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (300, 200)])
+def test_per_channel_weights_equal_torch_kernel_including_zero_signs(shape) -> None:
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=gen)
+    w[:, 0] = -1e-7
+    out = WeightQuantizer(QuantSetting(8, "per_channel_symmetric", "int"), 0)(w, torch.tensor(0))
+    scale = w.abs().amax(1) / 127.0  # int8 symmetric: levels -127..127
+    expected = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(shape[0], dtype=torch.int32), 0, -127, 127)
+    assert torch.equal(bits(out), bits(expected))
+    assert (bits(out[:, 0]) == 0).all()  # +0.0, as the kernel's integer arithmetic gives
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (200, 300)])
+def test_weight_with_nan_or_inf_rows_equals_tensor_path(tensor_path, shape) -> None:
+    w = torch.randn(shape)
+    w[0, 1], w[1, 0] = NAN, INF
+    setting = QuantSetting(8, "per_channel_symmetric", "int")
+    fast = WeightQuantizer(setting, 0)(w, torch.tensor(0))
+    slow = tensor_path(WeightQuantizer(setting, 0), w, torch.tensor(0))
+    assert torch.equal(bits(fast), bits(slow))
+
+
+def test_off_quantizer_returns_its_input() -> None:
+    x = torch.randn(4, 4)
+    a = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 5).train()
+    assert a(x, torch.tensor(2)) is x  # observed, not quantized yet
+    assert float(a.initialized) == 1.0
+    w = WeightQuantizer(QuantSetting(8, "per_channel_symmetric", "int"), 5)
+    assert w(x, torch.tensor(4)) is x
+
+
+def test_low_precision_input_keeps_its_dtype(tensor_path) -> None:
+    x = (torch.randn(4, 8, 16, 16) * 3).bfloat16()
+    for shape in [(4, 8, 16, 16), (3, 5)]:
+        xb = x.reshape(-1)[:int(torch.tensor(shape).prod())].reshape(shape)
+        fast = run_activation([xb.float(), xb.float()], "per_tensor_affine", "uint", 8, 0)
+        q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
+        out = q(xb, torch.tensor(0))
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(bits(out.float()), bits(tensor_path(
+            ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train(), xb, torch.tensor(0)).float()))
+        assert fast  # the float run above exercised both paths
+
+
+# -- the buffer pool never writes a tensor someone holds ------------------------------------------
+
+def test_outputs_held_by_the_caller_are_never_overwritten() -> None:
+    q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
+    held = []
+    for i in range(4):
+        x = (torch.randn(4, 8, 32, 32) * (i + 1)).requires_grad_()
+        out = q(x, torch.tensor(i))
+        out.sum().backward()
+        held.append((out.detach(), out.detach().clone(), x.grad, x.grad.clone()))
+    for out, copy_out, grad, copy_grad in held:
+        assert torch.equal(bits(out), bits(copy_out)) and torch.equal(bits(grad), bits(copy_grad))
+    assert len({o.data_ptr() for o, *_ in held}) == 4  # all held: none reused
+
+
+def test_buffers_are_reused_once_released() -> None:
+    q = WeightQuantizer(QuantSetting(8, "per_channel_symmetric", "int"), 0).train()
+    w = torch.nn.Parameter(torch.randn(300, 200))
+    pointers = []
+    for _ in range(3):
+        out = q(w, torch.tensor(1))
+        pointers.append(out.data_ptr())
+        out.sum().backward()
+        del out
+    assert pointers[0] == pointers[1] == pointers[2]
+
+
+def test_two_forwards_then_one_backward_and_retain_graph(tensor_path) -> None:
+    """Two uses of one quantizer in a graph (a siamese model), then a second backward of the same graph."""
+    def run():
+        torch.manual_seed(0)
+        q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
+        w = WeightQuantizer(QuantSetting(8, "per_channel_symmetric", "int"), 0).train()
+        weight = torch.nn.Parameter(torch.randn(64, 64))
+        a, b = torch.randn(32, 64, requires_grad=True), torch.randn(32, 64, requires_grad=True)
+        loss = (q(a, torch.tensor(1)) @ w(weight, torch.tensor(1))).sum() * (
+            q(b, torch.tensor(1)) @ w(weight, torch.tensor(1))).square().mean()
+        loss.backward(retain_graph=True)
+        first = [weight.grad.clone(), a.grad.clone(), b.grad.clone()]
+        loss.backward()
+        return first + [weight.grad, a.grad, b.grad]
+
+    for fast, slow in zip(run(), tensor_path(run), strict=True):
+        torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+
+
+def test_pool_is_not_saved_copied_or_kept_in_eval() -> None:
+    q = WeightQuantizer(QuantSetting(8, "per_channel_symmetric", "int"), 0).train()
+    q(torch.nn.Parameter(torch.randn(300, 200)), torch.tensor(1)).sum().backward()
+    assert isinstance(q.__dict__.get("_pool"), BufferPool) and q.__dict__["_pool"].buffers
+    assert "_pool" not in copy.deepcopy(q).__dict__
+    assert "_pool" not in pickle.loads(pickle.dumps(q)).__dict__
+    buffer = io.BytesIO()
+    torch.save(q, buffer)
+    assert len(buffer.getvalue()) < 10_000  # no 240 kB buffers inside
+    q.eval()
+    assert "_pool" not in q.__dict__
+
+
+def test_pool_replaces_free_buffers_of_other_shapes() -> None:
+    pool = BufferPool()
+    shapes = [(i + 1, 7) for i in range(BufferPool.SIZE + 3)]
+    for shape in shapes:
+        pool.take(torch.empty(shape))  # each alias dies at once: every buffer is free again
+    assert len(pool.buffers) == BufferPool.SIZE
+    assert pool.buffers[-1].shape == shapes[-1]
+    kept = [pool.take(torch.empty(3, 3)) for _ in range(BufferPool.SIZE + 2)]  # all taken: new ones
+    assert len({t.data_ptr() for t in kept}) == len(kept)
+
+
+def test_channels_last_layout_is_kept() -> None:
+    q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
+    x = torch.randn(4, 16, 32, 32).to(memory_format=torch.channels_last)
+    for i in range(2):
+        out = q(x, torch.tensor(i))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_model_level_training_matches_tensor_path(tensor_path, train: bool) -> None:
+    import fxcompress
+    from fxcompress.examples import SeedModel
+
+    def run():
+        torch.manual_seed(0)
+        gm = fxcompress.compress(SeedModel(), [{"op_types": ["Conv2d", "Linear"], "sparsity_per_layer": 0.5,
+                                                "quant_types": ["input", "weight", "output"], "quant_bits": 8,
+                                                "quant_start_step": 1}])
+        gm.train(train)
+        opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+        outs = []
+        for i in range(3):
+            x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(i))
+            out = gm(x)
+            torch.nn.functional.nll_loss(out, torch.arange(16) % 10).backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(out.detach())
+        return outs + [p.detach() for p in gm.parameters()] + list(gm.buffers())
+
+    for a, b in zip(run(), tensor_path(run), strict=True):
+        assert torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b)
+
+
+def test_every_scheme_and_width_in_one_sweep(tensor_path) -> None:
+    """A cheap sweep over widths the parametrised tests leave out, on the pooled path."""
+    x = torch.randn(2, 8, 32, 32) * 4
+    for nbits, (scheme, dtype) in itertools.product([2, 3, 12, 16], SCHEMES):
+        fast = run_activation([x, x * 0.5], scheme, dtype, nbits, 0)
+        slow = tensor_path(run_activation, [x, x * 0.5], scheme, dtype, nbits, 0)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True)), (nbits, scheme, dtype)
