@@ -54,6 +54,9 @@ def model_and_batch(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         return SeedModel(), torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     if name == "resnet18":
         return torchvision.models.resnet18(weights=None), torch.randn(8, 3, 64, 64), torch.randint(0, 1000, (8,))
+    if name == "mobilenet_v3_small":
+        return (torchvision.models.mobilenet_v3_small(weights=None), torch.randn(8, 3, 64, 64),
+                torch.randint(0, 1000, (8,)))
     if name == "mlp":
         return MLP(), torch.randn(64, 512), torch.randint(0, 10, (64,))
     raise ValueError(name)
@@ -83,6 +86,7 @@ def variants(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], nn.Mod
         "plain": lambda: copy.deepcopy(model),
         "fx prune 50%": lambda: fxcompress.compress(model, PRUNE),
         "fx QAT 8-bit": lambda: fxcompress.compress(model, QAT),
+        "fx QAT 8-bit, BN not folded": lambda: fxcompress.compress(model, QAT, fold_bn=False),
         "fx prune+QAT": lambda: fxcompress.compress(model, BOTH),
         "torch prune l1 50%": lambda: torch_prune(model),
         "torch.ao QAT fx": lambda: torch_ao_qat(model, x),
@@ -121,10 +125,15 @@ def peak_memory(step: Callable[[], None]) -> int:
     return max(sum(row) for row in sizes)
 
 
-def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] | None = None) -> list[dict]:
+def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] | None = None,
+                builders: dict[str, Callable[[], nn.Module]] | None = None) -> list[dict]:
+    """Rows for one model and mode: ``variants`` (or ``builders``, beside the plain model), interleaved."""
     model, x, y = model_and_batch(name)
     steps, errors = {}, {}
-    chosen = {k: v for k, v in variants(model, x).items() if k == "plain" or not only or k in only}
+    if builders is not None:
+        chosen = {"plain": lambda: copy.deepcopy(model), **builders}
+    else:
+        chosen = {k: v for k, v in variants(model, x).items() if k == "plain" or not only or k in only}
     for label, build in chosen.items():
         try:
             steps[label] = make_step(build(), x, y, compiled=mode == "compiled")

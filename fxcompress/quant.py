@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +43,8 @@ from torch import Tensor, nn
 
 from fxcompress.settings import QuantSetting
 
-__all__ = ["ActivationQuantizer", "StepCounter", "WeightQuantizer", "fake_quant", "qparams"]
+__all__ = ["ActivationQuantizer", "BufferPool", "StepCounter", "WeightQuantizer", "buffer_pool", "fake_quant", "qparams",
+           "release_buffers"]
 
 EMA_DECAY = 0.99
 _FLOAT32 = struct.Struct("f")
@@ -177,9 +179,34 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, gate: Tensor, qmin:
         else:
             fq = torch.fake_quantize_per_tensor_affine(xf, scale, zp, qmin, qmax)
         return torch.where(gate, fq.to(x.dtype), x)
+    if _compiling():  # torch.compile / torch.export: plain differentiable ops a compiler fuses
+        return _fake_quant_traceable(x.float(), scale, zero_point, gate, qmin, qmax).to(x.dtype)
     if x.dtype != torch.float32:  # low-precision models and autocast: quantize in float32
         return _fake_quant_function(x.float(), scale, zero_point, gate, qmin, qmax).to(x.dtype)
     return _fake_quant_function(x, scale, zero_point, gate, qmin, qmax)
+
+
+@torch.jit.unused
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@torch.jit.unused
+def _fake_quant_traceable(x: Tensor, scale: Tensor, zero_point: Tensor, gate: Tensor, qmin: int,
+                          qmax: int) -> Tensor:
+    """:class:`_FakeQuant` without an autograd Function, for compilers: the same values (up to the
+    compiler's reordering of float ops) and gradient. The straight-through rule is written as
+    ``fq + where(inside, x - x.detach(), 0)`` (value ``fq``, derivative 1 inside the range), so the
+    partitioner may keep the mask as bool or recompute it in the backward, and nothing in it stops
+    inductor from fusing the whole quantizer into one loop (``nan_to_num`` would: its CPU code is
+    scalar)."""
+    xd = x.detach()
+    q = torch.round(xd * torch.reciprocal(scale))
+    q = torch.where(q == q, q, -math.inf) + zero_point  # NaN -> qmin, as PyTorch's kernel
+    clamped = torch.clamp(q, qmin, qmax)
+    quantized = (clamped - zero_point) * scale
+    on = quantized + torch.where(q == clamped, x - xd, 0.0)
+    return torch.where(gate, on, x)
 
 
 # -- plain eager on CPU -------------------------------------------------------------------------
@@ -201,58 +228,96 @@ def _plain_cpu(x: Tensor) -> bool:
 
 
 class BufferPool:
-    """Output buffers one quantizer reuses from forward to forward instead of allocating new ones.
+    """Buffers the quantizers of one thread reuse instead of allocating new tensors (eager CPU).
 
     On CPU a freshly allocated large tensor costs a page fault per 4 KiB on first write (glibc maps
-    large blocks fresh from the OS and unmaps them on free), which on this project's machine is
-    ten times the arithmetic of a fake-quant pass. A buffer is handed out only while nothing but
-    the pool refers to its storage (no tensor, view, autograd saved tensor or ``.grad`` holds it:
-    PyTorch's storage use count says so), so reuse is invisible: a tensor a caller still holds is
-    never written. Buffers live as long as the pool; the quantizers keep one only in training
-    mode, where the same buffers are alive during every forward and backward anyway.
+    large blocks fresh from the OS and unmaps them on free); on this project's machine that is ten
+    times the arithmetic of a fake-quant pass (a 4 MB weight: 5.7 ms fresh, 0.53 ms in reused
+    buffers). A buffer is handed out only while nothing but the pool refers to its storage (no
+    tensor, view, autograd saved tensor or ``.grad`` holds it: PyTorch's storage use count says
+    so), so reuse is invisible: a tensor anyone still holds is never written. One pool serves every
+    quantizer of the thread, so a buffer one layer's output has finished with serves the next
+    layer: the pool grows to the most buffers alive at once, which fresh tensors would take too.
+    It holds at most ``max_bytes``; :func:`release_buffers` (or putting a quantizer in eval mode)
+    empties it.
     """
 
-    __slots__ = ("buffers",)
-    SIZE = 6  # out, mask and input gradient, for two shapes (a last, smaller batch)
+    PER_SHAPE = 64
 
-    def __init__(self) -> None:
-        self.buffers: list[Tensor] = []
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.buffers: dict[tuple, list[Tensor]] = {}
 
     def take(self, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """An alias of a free buffer shaped, strided and on the device like ``like`` (a new one if none)."""
-        free = None
-        for i, buf in enumerate(self.buffers):
-            if torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:  # the pool + this call
-                if buf.dtype == dtype and buf.shape == like.shape and buf.stride() == like.stride():
+        """An alias of a free buffer shaped and laid out like ``like`` (a new tensor if there is none)."""
+        if like.is_contiguous():
+            layout = 0
+        elif like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+            layout = 1
+        else:  # other strides: not pooled
+            return torch.empty_like(like, dtype=dtype)
+        key = (like.shape, layout, dtype)
+        same = self.buffers.get(key)
+        if same is not None:
+            for buf in same:
+                if torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:  # the pool + this call
                     return buf.detach()  # while the alias lives, the buffer counts as taken
-                free = i
         fresh = torch.empty_like(like, dtype=dtype)
-        if len(self.buffers) < self.SIZE:
-            self.buffers.append(fresh)
-        elif free is not None:  # another shape's buffer nobody uses: replace it
-            self.buffers[free] = fresh
+        size = fresh.untyped_storage().nbytes()
+        if self.nbytes + size <= self.max_bytes and (same is None or len(same) < self.PER_SHAPE):
+            self.buffers.setdefault(key, []).append(fresh)
+            self.nbytes += size
         return fresh.detach()
+
+
+_POOLS = threading.local()
+
+
+def buffer_pool() -> BufferPool:
+    """This thread's :class:`BufferPool`."""
+    pool = getattr(_POOLS, "pool", None)
+    if pool is None:
+        pool = _POOLS.pool = BufferPool()
+    return pool
+
+
+def release_buffers() -> None:
+    """Free the buffers this thread's quantizers keep for reuse (they are made again when needed)."""
+    _POOLS.pool = None
+
+
+#: the straight-through mask's dtype: float32 (faster on CPU: one compare writing into the dead
+#: rounding buffer, and a float multiply in the backward) or bool (a quarter of the memory)
+MASK_DTYPE = torch.float32
 
 
 def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor, zero_point: float | Tensor,
                      qmin: int, qmax: int, nan_free: bool, keep: bool,
                      pool: BufferPool | None) -> tuple[Tensor, Tensor | None]:
-    """Fake-quantized ``x`` (float32) and, if ``keep``, its float 0/1 straight-through mask.
+    """Fake-quantized ``x`` (float32) and, if ``keep``, its straight-through mask (``MASK_DTYPE``).
 
     The same float32 operations as :class:`_FakeQuant` in the same order, written into buffers
-    from ``pool`` (new tensors without one).
+    from ``pool`` (new tensors without one). The mask is ``qmin <= q <= qmax`` for the rounded,
+    shifted ``q``, as PyTorch's kernel computes it.
     """
-    first = pool.take(x) if pool is not None else None
-    q = torch.mul(x, inv_scale, out=first) if first is not None else torch.mul(x, inv_scale)
-    if not nan_free:  # NaN clamps to qmin as in PyTorch's kernel
+    q = torch.mul(x, inv_scale, out=pool.take(x)) if pool is not None else torch.mul(x, inv_scale)
+    if not nan_free:  # NaN clamps to qmin as in PyTorch's kernel (and is outside the range)
         q.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     q.round_().add_(zero_point)  # adding the zero point also turns round's -0.0 into +0.0, as the kernel has
+    mask = None
     if not keep:
-        out, mask = q.clamp_(qmin, qmax), None
+        out = q.clamp_(qmin, qmax)
+    elif MASK_DTYPE == torch.bool:
+        if pool is not None:
+            mask = torch.ge(q, qmin, out=pool.take(x, torch.bool))
+            mask.logical_and_(torch.le(q, qmax, out=pool.take(x, torch.bool)))
+        else:
+            mask = torch.ge(q, qmin).logical_and_(torch.le(q, qmax))
+        out = q.clamp_(qmin, qmax)
     else:
-        second = pool.take(x) if pool is not None else None
-        out = torch.clamp(q, qmin, qmax, out=second) if second is not None else torch.clamp(q, qmin, qmax)
-        mask = torch.eq(q, out, out=q)
+        out = torch.clamp(q, qmin, qmax, out=pool.take(x)) if pool is not None else torch.clamp(q, qmin, qmax)
+        mask = torch.eq(q, out, out=q)  # 1.0 inside the range
     if not (isinstance(zero_point, float) and zero_point == 0.0):  # x - 0.0 is x: a pass saved
         out.sub_(zero_point)
     return out.mul_(scale), mask
@@ -266,16 +331,19 @@ class _FakeQuantEager(torch.autograd.Function):
                 nan_free: bool, pool: BufferPool | None) -> Tensor:
         out, mask = _quantize_values(x, inv_scale, scale, zero_point, qmin, qmax, nan_free, True, pool)
         ctx.save_for_backward(mask)
-        # a gradient written into a pooled buffer would be copied, not kept, if it became a leaf's .grad
-        ctx.pool = pool if not x.is_leaf else None
+        # a gradient in a pooled buffer is copied, not kept, where it becomes a leaf's .grad
+        ctx.pool = None if x.is_leaf else pool
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
-        if ctx.pool is None or grad.shape != mask.shape:
+        if mask.dtype == torch.bool:  # through uint8: PyTorch's CPU multiply by bool is some 3x slower
+            mask = mask.view(torch.uint8)
+        pool: BufferPool | None = ctx.pool
+        if pool is None or grad.shape != mask.shape:
             return grad * mask, None, None, None, None, None, None, None
-        return torch.mul(grad, mask, out=ctx.pool.take(grad)), None, None, None, None, None, None, None
+        return torch.mul(grad, mask, out=pool.take(grad)), None, None, None, None, None, None, None
 
 
 #: up to this many elements PyTorch's own fake-quant kernels (one dispatch, autograd in C++) beat
@@ -330,30 +398,17 @@ def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor,
 # -- the quantizer modules ------------------------------------------------------------------------
 
 class _Quantizer(nn.Module):
-    """What both quantizers share: the :class:`BufferPool` of the eager CPU path, kept in training
-    mode only and never saved, copied or moved with the module."""
+    """What both quantizers share: the eager CPU path writes into this thread's :class:`BufferPool`
+    in training mode; putting a quantizer in eval mode releases the pool."""
 
     @torch.jit.unused
     def _buffer_pool(self) -> BufferPool | None:
-        if not self.training:
-            return None
-        pool = self.__dict__.get("_pool")
-        if pool is None:
-            pool = self.__dict__["_pool"] = BufferPool()
-        return pool
+        return buffer_pool() if self.training else None
 
     def train(self, mode: bool = True):  # noqa: ANN201 (nn.Module's own signature)
-        if not mode:
-            self.__dict__.pop("_pool", None)
+        if not mode and self.training:
+            release_buffers()
         return super().train(mode)
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's own signature)
-        self.__dict__.pop("_pool", None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        return {k: v for k, v in state.items() if k != "_pool"}
 
 
 class ActivationQuantizer(_Quantizer):

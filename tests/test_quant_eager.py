@@ -10,7 +10,6 @@ tensor anyone still holds.
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import pickle
 
@@ -232,28 +231,32 @@ def test_two_forwards_then_one_backward_and_retain_graph(tensor_path) -> None:
         torch.testing.assert_close(fast, slow, rtol=0, atol=0)
 
 
-def test_pool_is_not_saved_copied_or_kept_in_eval() -> None:
+def test_pool_is_shared_bounded_and_released_in_eval() -> None:
+    quant.release_buffers()
     q = WeightQuantizer(QuantSetting(8, "per_channel_symmetric", "int"), 0).train()
-    q(torch.nn.Parameter(torch.randn(300, 200)), torch.tensor(1)).sum().backward()
-    assert isinstance(q.__dict__.get("_pool"), BufferPool) and q.__dict__["_pool"].buffers
-    assert "_pool" not in copy.deepcopy(q).__dict__
-    assert "_pool" not in pickle.loads(pickle.dumps(q)).__dict__
-    buffer = io.BytesIO()
-    torch.save(q, buffer)
-    assert len(buffer.getvalue()) < 10_000  # no 240 kB buffers inside
+    w = torch.nn.Parameter(torch.randn(300, 200))
+    for _ in range(2):
+        q(w, torch.tensor(1)).sum().backward()
+    pool = quant.buffer_pool()
+    assert pool.nbytes == 2 * 300 * 200 * 4  # output and mask, reused in the second step
+    assert "_pool" not in q.__dict__ and len(pickle.dumps(q)) < 10_000 and copy.deepcopy(q) is not q
     q.eval()
-    assert "_pool" not in q.__dict__
+    assert quant.buffer_pool().nbytes == 0  # eval mode releases the buffers
+    small = BufferPool(max_bytes=1000)
+    small.take(torch.empty(100))  # 400 bytes: kept
+    small.take(torch.empty(200))  # 800 more: over the cap, not kept
+    assert small.nbytes == 400
 
 
-def test_pool_replaces_free_buffers_of_other_shapes() -> None:
+def test_pool_hands_out_only_free_buffers() -> None:
     pool = BufferPool()
-    shapes = [(i + 1, 7) for i in range(BufferPool.SIZE + 3)]
-    for shape in shapes:
-        pool.take(torch.empty(shape))  # each alias dies at once: every buffer is free again
-    assert len(pool.buffers) == BufferPool.SIZE
-    assert pool.buffers[-1].shape == shapes[-1]
-    kept = [pool.take(torch.empty(3, 3)) for _ in range(BufferPool.SIZE + 2)]  # all taken: new ones
-    assert len({t.data_ptr() for t in kept}) == len(kept)
+    held = [pool.take(torch.empty(3, 3)) for _ in range(5)]
+    assert len({t.data_ptr() for t in held}) == 5  # all held: five buffers
+    pointer = held[2].data_ptr()
+    del held[2]
+    assert pool.take(torch.empty(3, 3)).data_ptr() == pointer  # the released one comes back
+    transposed = torch.empty(4, 6).t()
+    assert pool.take(transposed).shape == (6, 4) and pool.nbytes == 5 * 36  # odd strides: not pooled
 
 
 def test_channels_last_layout_is_kept() -> None:
