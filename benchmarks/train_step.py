@@ -153,6 +153,11 @@ def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] 
             t2 = time.perf_counter()
             ratios[label].append((t2 - t1) / (t1 - t0))
             plain_times.append(t1 - t0)
+    if not plain_times:  # every variant failed: time the plain step alone
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            steps["plain"]()
+            plain_times.append(time.perf_counter() - t0)
     plain_peak = peak_memory(steps["plain"])
     rows = []
     for label in chosen:

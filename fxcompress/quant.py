@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -354,6 +355,21 @@ KERNEL_MAX_NUMEL = 8192
 KERNEL_MAX_NUMEL_PER_CHANNEL = 4096
 
 
+_ZERO_POINTS: dict[tuple[int, int], Tensor] = {}
+
+
+@torch.jit.unused
+def _zero_points(channels: int, value: int) -> Tensor:
+    """An int32 ``(channels,)`` tensor of ``value`` for PyTorch's per-channel kernel, made once
+    (read-only: the kernel never writes it)."""
+    zp = _ZERO_POINTS.get((channels, value))
+    if zp is None:
+        if len(_ZERO_POINTS) > 512:
+            _ZERO_POINTS.clear()
+        zp = _ZERO_POINTS[(channels, value)] = torch.full((channels,), value, dtype=torch.int32)
+    return zp
+
+
 @torch.jit.unused
 def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor, qmin: int, qmax: int,
                    nan_free: bool, pool: BufferPool | None) -> Tensor:
@@ -379,7 +395,7 @@ def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor,
         # scale (and so every value of x, the row's range) is finite
         nan_free = math.isfinite(scale.sum().item())  # no NaN (or inf) in any row of x
         if nan_free and xf.numel() <= KERNEL_MAX_NUMEL_PER_CHANNEL:
-            zp = torch.full(scale.shape, int(zero_point), dtype=torch.int32) if isinstance(zero_point, float) \
+            zp = _zero_points(scale.shape[0], int(zero_point)) if isinstance(zero_point, float) \
                 else zero_point.to(torch.int32)
             out = torch.fake_quantize_per_channel_affine(xf, scale, zp, 0, qmin, qmax)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
@@ -476,10 +492,32 @@ class ActivationQuantizer(_Quantizer):
         return self.range_sync(lo, hi)
 
     @torch.jit.unused
+    def _tracked_floats(self) -> tuple[float, float, bool]:
+        """``tracked_min``, ``tracked_max`` and ``initialized`` as Python values, read from the buffers
+        only when they are other tensors or were written since (their version counters say so)."""
+        buffers = (self.tracked_min, self.tracked_max, self.initialized)
+        seen = self.__dict__.get("_seen")
+        if seen is not None and all(ref() is t and t._version == version
+                                    for (ref, version), t in zip(seen[0], buffers, strict=True)):
+            return seen[1]
+        values = (buffers[0].item(), buffers[1].item(), buffers[2].item() > 0.5)
+        self.__dict__["_seen"] = ([(weakref.ref(t), t._version) for t in buffers], values)
+        return values
+
+    @torch.jit.unused
+    def _remember(self, lo: float, hi: float, initialized: bool) -> None:
+        buffers = (self.tracked_min, self.tracked_max, self.initialized)
+        self.__dict__["_seen"] = ([(weakref.ref(t), t._version) for t in buffers], (lo, hi, initialized))
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_seen", None)  # weak references: neither copied nor pickled
+        return state
+
+    @torch.jit.unused
     def _forward_plain(self, x: Tensor, step: Tensor) -> Tensor:
         """:meth:`forward` with the range, qparams and gate as Python floats (same values)."""
-        lo, hi = self.tracked_min.item(), self.tracked_max.item()
-        initialized = self.initialized.item() > 0.5
+        lo, hi, initialized = self._tracked_floats()
         nan_free = False
         if self.training:
             seen_lo, seen_hi = torch.aminmax(x.detach())
@@ -495,6 +533,7 @@ class ActivationQuantizer(_Quantizer):
             if nan_free and not initialized:
                 self.initialized.fill_(1.0)
                 initialized = True
+            self._remember(lo, hi, initialized)
         if not initialized or step.item() < self.start_step:
             return x
         scale, zero_point = qparams_float(lo, hi, self.qmin, self.qmax, self.symmetric)
@@ -540,13 +579,15 @@ class WeightQuantizer(_Quantizer):
         if self.per_channel:
             wd = w.detach()
             rows = (wd if wd.dtype == torch.float32 else wd.float()).reshape(wd.shape[0], -1)
-            lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # two passes beat aminmax(dim=) 15x on CPU
-            if self.symmetric:  # qparams' scale in four in-place ops (clamping at 0 changes no maximum)
-                scale = torch.maximum(lo.neg_(), hi).div_((self.qmax - self.qmin) / 2.0).clamp_(min=_EPS)
+            pool = self._buffer_pool()
+            if self.symmetric:  # qparams' max(-min(lo, 0), max(hi, 0)) is the row's largest |w|
+                magnitude = torch.abs(rows, out=pool.take(rows)) if pool is not None else rows.abs()
+                scale = magnitude.amax(dim=1).div_((self.qmax - self.qmin) / 2.0).clamp_(min=_EPS)
                 return _fake_quant_on(w, scale, float((self.qmin + self.qmax) // 2), self.qmin, self.qmax, False,
-                                      self._buffer_pool())
-            scale, zero_point = qparams(lo, hi, self.qmin, self.qmax, False)
-            return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, False, self._buffer_pool())
+                                      pool)
+            # two passes beat aminmax(dim=) 15x on CPU
+            scale, zero_point = qparams(rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, False)
+            return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, False, pool)
         lo, hi = torch.aminmax(w.detach())
         lo, hi = lo.item(), hi.item()
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN qparams: the tensor path's values

@@ -160,7 +160,8 @@ def test_weight_with_nan_or_inf_rows_equals_tensor_path(tensor_path, shape) -> N
     setting = QuantSetting(8, "per_channel_symmetric", "int")
     fast = WeightQuantizer(setting, 0)(w, torch.tensor(0))
     slow = tensor_path(WeightQuantizer(setting, 0), w, torch.tensor(0))
-    assert torch.equal(bits(fast), bits(slow))
+    assert torch.equal(fast.isnan(), slow.isnan())  # a NaN's sign bit may differ: it means nothing
+    assert torch.equal(bits(fast[~fast.isnan()]), bits(slow[~slow.isnan()]))
 
 
 def test_off_quantizer_returns_its_input() -> None:
@@ -238,7 +239,7 @@ def test_pool_is_shared_bounded_and_released_in_eval() -> None:
     for _ in range(2):
         q(w, torch.tensor(1)).sum().backward()
     pool = quant.buffer_pool()
-    assert pool.nbytes == 2 * 300 * 200 * 4  # output and mask, reused in the second step
+    assert pool.nbytes == 3 * 300 * 200 * 4  # |w|, output and mask, reused in the second step
     assert "_pool" not in q.__dict__ and len(pickle.dumps(q)) < 10_000 and copy.deepcopy(q) is not q
     q.eval()
     assert quant.buffer_pool().nbytes == 0  # eval mode releases the buffers
@@ -300,3 +301,24 @@ def test_every_scheme_and_width_in_one_sweep(tensor_path) -> None:
         fast = run_activation([x, x * 0.5], scheme, dtype, nbits, 0)
         slow = tensor_path(run_activation, [x, x * 0.5], scheme, dtype, nbits, 0)
         assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True)), (nbits, scheme, dtype)
+
+
+def test_range_written_from_outside_is_read_again(tensor_path) -> None:
+    """The fast path keeps the range as Python floats; writes to the buffers (fill_, load_state_dict,
+    a new tensor) must be seen at the next forward."""
+    setting = QuantSetting(8, "per_tensor_affine", "uint")
+    x = torch.randn(4, 8, 16, 16)
+    q = ActivationQuantizer(setting, 0).train()
+    q(x, torch.tensor(0))
+    q.eval()
+    before = q(x, torch.tensor(1))
+    q.tracked_max.fill_(20.0)
+    wide = q(x, torch.tensor(1))
+    assert not torch.equal(before, wide)
+    reference = ActivationQuantizer(setting, 0).eval()
+    reference.load_state_dict(q.state_dict())
+    assert torch.equal(bits(wide), bits(tensor_path(reference, x, torch.tensor(1))))
+    q.load_state_dict({**q.state_dict(), "tracked_max": torch.tensor(0.5)})
+    assert torch.equal(bits(q(x, torch.tensor(1))), bits(tensor_path(q, x, torch.tensor(1))))
+    q.tracked_min = torch.tensor(-3.0)  # a new tensor in the buffer's place
+    assert torch.equal(bits(q(x, torch.tensor(1))), bits(tensor_path(q, x, torch.tensor(1))))
