@@ -21,6 +21,7 @@ test-slow: .venv/.installed
 
 bench: .venv/.installed
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.qat_profile
 	$(PY) -m benchmarks.transform
 	$(PY) -m benchmarks.sparsity_alloc
 	$(PY) -m benchmarks.quality

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import tabulate
 import torch
@@ -175,15 +177,44 @@ def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] 
     return rows
 
 
+def readme_table(paths: list[str]) -> str:
+    """The README's table from result files: a row per variant, a column per model and mode, step
+    time / plain (the plain step's milliseconds in the last row); an error prints as ``failed``."""
+    rows = [row for path in paths for row in json.loads(Path(path).read_text())["rows"]]
+    columns = list(dict.fromkeys((r["model"], r["mode"]) for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "plain"))
+
+    def cell(variant: str, column: tuple[str, str]) -> str:
+        found = [r for r in rows if (r["model"], r["mode"]) == column and r["variant"] == variant]
+        if not found:
+            return "-"
+        r = found[-1]
+        if "error" in r:
+            return "failed"
+        return f"{r['median_step_ms']:.0f}" if variant == "plain" else f"{r['time_ratio']:.2f}"
+
+    lines = ["| variant | " + " | ".join(f"{m} {mode}" for m, mode in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for variant in [*variants, "plain"]:
+        label = "*plain step (ms)*" if variant == "plain" else variant
+        lines.append(f"| {label} | " + " | ".join(cell(variant, c) for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["seed", "resnet18", "mlp"])
+    parser.add_argument("--models", nargs="+", default=["seed", "resnet18", "mobilenet_v3_small", "mlp"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
     parser.add_argument("--variants", nargs="+", default=None, help="only these (plain is always run)")
     parser.add_argument("--results", default="train_step", help="name of the JSON file under benchmarks/results")
+    parser.add_argument("--readme-table", nargs="+", metavar="JSON", help="print the README table of these "
+                        "result files and exit (nothing is measured)")
     args = parser.parse_args()
+    if args.readme_table:
+        print(readme_table(args.readme_table))
+        return
     rows = []
     for mode in args.modes:
         for name in args.models:
