@@ -252,6 +252,8 @@ class BufferPool:
 
     def take(self, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """An alias of a free buffer shaped and laid out like ``like`` (a new tensor if there is none)."""
+        if torch.is_inference_mode_enabled():  # an inference tensor could never be written outside it
+            return torch.empty_like(like, dtype=dtype)
         if like.is_contiguous():
             layout = 0
         elif like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):

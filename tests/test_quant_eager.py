@@ -322,3 +322,14 @@ def test_range_written_from_outside_is_read_again(tensor_path) -> None:
     assert torch.equal(bits(q(x, torch.tensor(1))), bits(tensor_path(q, x, torch.tensor(1))))
     q.tracked_min = torch.tensor(-3.0)  # a new tensor in the buffer's place
     assert torch.equal(bits(q(x, torch.tensor(1))), bits(tensor_path(q, x, torch.tensor(1))))
+
+
+def test_inference_mode_in_training_mode_leaves_the_pool_usable() -> None:
+    quant.release_buffers()
+    q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
+    x = torch.randn(4, 8, 32, 32)
+    with torch.inference_mode():
+        q(x, torch.tensor(0))
+    out = q(x.requires_grad_(), torch.tensor(1))  # buffers made now are ordinary tensors
+    out.sum().backward()
+    assert not out.is_inference()
