@@ -53,7 +53,7 @@ def _conv(walk: ChannelWalk, n: torch.fx.Node, x: torch.fx.Node, params: Params,
     for a in lay.strong:
         if c not in a.dims:  # channels spread over spatial dims: mixed by the kernel
             walk.ledger.block(a.slots, n.name)
-    if not transposed and groups == cin and cout % cin == 0:
+    if not transposed and groups == cin > 1 and cout % cin == 0:  # depthwise (one input channel: an ordinary conv)
         def make() -> torch.Tensor:
             own = slots.repeat_interleave(cout // cin)
             _record(walk, params, ("weight", "bias"), 0, "out", own)

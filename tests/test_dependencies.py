@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import fxcompress
 from fxcompress.passes.dependencies import ChannelGroup, Member, dependency_graph, dependency_groups
 from fxcompress.tracing import trace
 
@@ -153,6 +154,26 @@ def test_depthwise_channel_multiplier_maps_each_input_channel_to_its_filters() -
     dw, b = _member(groups[1], "dw"), _member(groups[1], "b", dim=1)
     assert dw.positions == tuple(range(16)) and dw.channels == (0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
     assert b.channels == dw.channels
+
+
+class Grayscale(nn.Module):
+    """A first conv over a one-channel image: groups == in_channels == 1, an ordinary conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_conv_over_one_input_channel_is_not_depthwise() -> None:
+    groups = _groups(Grayscale(), torch.randn(1, 1, 6, 6))
+    assert _shape(groups) == [(1, 1, "x"), (8, 1, None), (2, 1, "output")]  # a's filters are their own group
+    assert _keys(groups[1]) == _layer("a", OUT) | _layer("b", IN)
+    gm = fxcompress.compress(Grayscale(), [{"op_names": ["a"], "sparsity_per_layer": 0.5, "granularity": "out_channel"}],
+                             example_inputs=(torch.randn(1, 1, 6, 6),))
+    assert int((gm.a.weight_mask.reshape(8, -1).sum(1) == 0).sum()) == 4  # before the fix: blocked by 'x'
 
 
 class Grouped(nn.Module):
