@@ -290,19 +290,16 @@ def release_buffers() -> None:
     _POOLS.pool = None
 
 
-#: the straight-through mask's dtype: float32 (faster on CPU: one compare writing into the dead
-#: rounding buffer, and a float multiply in the backward) or bool (a quarter of the memory)
-MASK_DTYPE = torch.float32
-
-
 def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor, zero_point: float | Tensor,
                      qmin: int, qmax: int, nan_free: bool, keep: bool,
                      pool: BufferPool | None) -> tuple[Tensor, Tensor | None]:
-    """Fake-quantized ``x`` (float32) and, if ``keep``, its straight-through mask (``MASK_DTYPE``).
+    """Fake-quantized ``x`` (float32) and, if ``keep``, its float32 0/1 straight-through mask.
 
     The same float32 operations as :class:`_FakeQuant` in the same order, written into buffers
-    from ``pool`` (new tensors without one). The mask is ``qmin <= q <= qmax`` for the rounded,
-    shifted ``q``, as PyTorch's kernel computes it.
+    from ``pool`` (new tensors without one). The mask is 1 where the rounded, shifted value was
+    within ``[qmin, qmax]``, as PyTorch's kernel computes it. It is float32, not bool: one compare
+    into the dead rounding buffer, and a float multiply in the backward (bool masks measured slower
+    on CPU; see the README's benchmark section).
     """
     q = torch.mul(x, inv_scale, out=pool.take(x)) if pool is not None else torch.mul(x, inv_scale)
     if not nan_free:  # NaN clamps to qmin as in PyTorch's kernel (and is outside the range)
@@ -310,13 +307,6 @@ def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor
     q.round_().add_(zero_point)  # adding the zero point also turns round's -0.0 into +0.0, as the kernel has
     mask = None
     if not keep:
-        out = q.clamp_(qmin, qmax)
-    elif MASK_DTYPE == torch.bool:
-        if pool is not None:
-            mask = torch.ge(q, qmin, out=pool.take(x, torch.bool))
-            mask.logical_and_(torch.le(q, qmax, out=pool.take(x, torch.bool)))
-        else:
-            mask = torch.ge(q, qmin).logical_and_(torch.le(q, qmax))
         out = q.clamp_(qmin, qmax)
     else:
         out = torch.clamp(q, qmin, qmax, out=pool.take(x)) if pool is not None else torch.clamp(q, qmin, qmax)
@@ -341,10 +331,8 @@ class _FakeQuantEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
-        if mask.dtype == torch.bool:  # through uint8: PyTorch's CPU multiply by bool is some 3x slower
-            mask = mask.view(torch.uint8)
         pool: BufferPool | None = ctx.pool
-        if pool is None or grad.shape != mask.shape:
+        if pool is None:
             return grad * mask, None, None, None, None, None, None, None
         return torch.mul(grad, mask, out=pool.take(grad)), None, None, None, None, None, None, None
 
@@ -441,6 +429,8 @@ class ActivationQuantizer(_Quantizer):
     the batch range is first reduced over a process group.
     """
 
+    ema_weight = EMA_WEIGHT  # also for modules pickled before the instance attribute existed
+
     def __init__(self, setting: QuantSetting, start_step: int, device: torch.device | None = None) -> None:
         super().__init__()
         if setting.per_channel:
@@ -451,7 +441,7 @@ class ActivationQuantizer(_Quantizer):
         self.bits = setting.bits
         self.scheme = setting.scheme
         self.dtype = setting.dtype
-        self.decay = EMA_DECAY
+        self.ema_weight = EMA_WEIGHT  # an attribute: TorchScript reads no globals
         # a callable (lo, hi) -> (lo, hi) reducing the batch range over ranks, or None (the
         # default: no collective in the forward); set by fxcompress.sync_ranges
         self.range_sync: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
@@ -482,7 +472,7 @@ class ActivationQuantizer(_Quantizer):
             lo, hi = self._synced(lo, hi)
         initialized = self.initialized > 0.5
         for tracked, seen in ((self.tracked_min, lo), (self.tracked_max, hi)):
-            moved = torch.where(initialized, tracked + (seen - tracked) * 0.009999990463256836, seen)
+            moved = torch.where(initialized, tracked + (seen - tracked) * self.ema_weight, seen)
             tracked.copy_(torch.where(torch.isfinite(seen), moved, tracked))
         self.initialized.masked_fill_(torch.isfinite(lo) & torch.isfinite(hi), 1.0)
 
@@ -527,10 +517,10 @@ class ActivationQuantizer(_Quantizer):
             seen_lo, seen_hi = seen_lo.item(), seen_hi.item()
             nan_free = math.isfinite(seen_lo) and math.isfinite(seen_hi)  # no NaN or inf in x
             if math.isfinite(seen_lo):
-                lo = f32(lo + f32(f32(seen_lo - lo) * EMA_WEIGHT)) if initialized else seen_lo
+                lo = f32(lo + f32(f32(seen_lo - lo) * self.ema_weight)) if initialized else seen_lo
                 self.tracked_min.fill_(lo)
             if math.isfinite(seen_hi):
-                hi = f32(hi + f32(f32(seen_hi - hi) * EMA_WEIGHT)) if initialized else seen_hi
+                hi = f32(hi + f32(f32(seen_hi - hi) * self.ema_weight)) if initialized else seen_hi
                 self.tracked_max.fill_(hi)
             if nan_free and not initialized:
                 self.initialized.fill_(1.0)

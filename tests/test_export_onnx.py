@@ -120,12 +120,12 @@ def test_onnxruntime_runs_the_fake_quant_model(name: str, tmp_path) -> None:
     assert cosine > 0.995 and float((fused - expected).abs().max()) < 0.12 * spread
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
-def test_uint8_affine_weights_keep_the_integer_kernels_within_a_level_or_two(name: str, tmp_path,
-                                                                              monkeypatch) -> None:
-    weights = {"quant_dtype": {"weight": "uint"}, "quant_scheme": {"weight": "per_channel_affine"}}
-    monkeypatch.setattr(deploy_models, "PRUNE_QUANT", [{**PRUNE_QUANT[0], **weights}])
-    monkeypatch.setattr(deploy_models, "ALL_TYPES", {**ALL_TYPES, **weights})
+def assert_integer_kernels_within_two_levels(name: str, keys: dict, tmp_path, monkeypatch) -> torch.nn.Module:  # noqa: ANN001
+    """Build deploy model ``name`` with ``keys`` added to its config, export it, and check onnxruntime:
+    exact without graph optimizations, within two output levels with its integer kernels. Returns the
+    last output quantizer (frozen)."""
+    monkeypatch.setattr(deploy_models, "PRUNE_QUANT", [{**PRUNE_QUANT[0], **keys}])
+    monkeypatch.setattr(deploy_models, "ALL_TYPES", {**ALL_TYPES, **keys})
     _, gm, x = build(name)
     _, path = export(gm, x, tmp_path)
     with torch.no_grad():
@@ -133,6 +133,14 @@ def test_uint8_affine_weights_keep_the_integer_kernels_within_a_level_or_two(nam
     torch.testing.assert_close(run(path, x, optimized=False), expected, rtol=1e-5, atol=1e-5)
     last = [m for n, m in frozen(gm).items() if n.endswith("output_quantizer")][-1]
     assert float((run(path, x, optimized=True) - expected).abs().max()) <= 2 * float(last.scale) + 1e-6
+    return last
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_uint8_affine_weights_keep_the_integer_kernels_within_a_level_or_two(name: str, tmp_path,
+                                                                              monkeypatch) -> None:
+    weights = {"quant_dtype": {"weight": "uint"}, "quant_scheme": {"weight": "per_channel_affine"}}
+    assert_integer_kernels_within_two_levels(name, weights, tmp_path, monkeypatch)
 
 
 def test_narrow_int_activations_are_clipped_to_their_levels(tmp_path) -> None:

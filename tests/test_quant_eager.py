@@ -177,13 +177,11 @@ def test_low_precision_input_keeps_its_dtype(tensor_path) -> None:
     x = (torch.randn(4, 8, 16, 16) * 3).bfloat16()
     for shape in [(4, 8, 16, 16), (3, 5)]:
         xb = x.reshape(-1)[:int(torch.tensor(shape).prod())].reshape(shape)
-        fast = run_activation([xb.float(), xb.float()], "per_tensor_affine", "uint", 8, 0)
         q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
         out = q(xb, torch.tensor(0))
         assert out.dtype == torch.bfloat16
         assert torch.equal(bits(out.float()), bits(tensor_path(
             ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train(), xb, torch.tensor(0)).float()))
-        assert fast  # the float run above exercised both paths
 
 
 # -- the buffer pool never writes a tensor someone holds ------------------------------------------

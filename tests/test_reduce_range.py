@@ -10,9 +10,8 @@ import fxcompress
 from fxcompress.quant import ActivationQuantizer, WeightQuantizer
 from fxcompress.settings import QuantSetting
 
-from . import deploy_models
-from .deploy_models import ALL_TYPES, PRUNE_QUANT, build, train_forwards
-from .test_export_onnx import export, frozen, run
+from .deploy_models import train_forwards
+from .test_export_onnx import assert_integer_kernels_within_two_levels
 
 QAT = {"op_types": ["Linear"], "quant_types": ["input", "weight", "output"], "quant_bits": 8}
 
@@ -69,14 +68,6 @@ def test_the_trained_model_quantizes_activations_to_127_levels() -> None:
 
 @pytest.mark.parametrize("name", ["seed", "nested"])
 def test_onnxruntime_integer_kernels_stay_within_a_level_or_two(name: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr(deploy_models, "PRUNE_QUANT", [{**PRUNE_QUANT[0], "quant_reduce_range": True}])
-    monkeypatch.setattr(deploy_models, "ALL_TYPES", {**ALL_TYPES, "quant_reduce_range": True})
-    _, gm, x = build(name)
-    _, path = export(gm, x, tmp_path)
-    with torch.no_grad():
-        expected = gm(*x)
-    torch.testing.assert_close(run(path, x, optimized=False), expected, rtol=1e-5, atol=1e-5)
-    last = [m for n, m in frozen(gm).items() if n.endswith("output_quantizer")][-1]
-    assert last.qmax == 127
     # int8 weights (the default) and 7-bit activations: no int16 saturation, unlike the full range
-    assert float((run(path, x, optimized=True) - expected).abs().max()) <= 2 * float(last.scale) + 1e-6
+    last = assert_integer_kernels_within_two_levels(name, {"quant_reduce_range": True}, tmp_path, monkeypatch)
+    assert last.qmax == 127
