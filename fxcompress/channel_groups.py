@@ -24,7 +24,7 @@ from fxcompress.attention import resolve_layer
 from fxcompress.settings import GRADIENT_CRITERIA, PruneSetting
 from fxcompress.sparsity import partition_mask, scores
 
-__all__ = ["GROUPS", "GroupPlan", "GroupRecord", "group_keep", "group_record", "masked_channels"]
+__all__ = ["GROUPS", "GroupPlan", "GroupRecord", "group_keep", "group_record", "masked_channels", "masked_layer_norm"]
 
 GROUPS = "fxcompress_groups"
 
@@ -38,6 +38,33 @@ def masked_channels(y: Tensor, mask: Tensor) -> Tensor:
     return y * mask.reshape([-1] + [1] * (y.dim() - 2))
 
 
+def masked_layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
+                      eps: float, mask: Tensor) -> Tensor:
+    """``F.layer_norm`` over the kept channels only: what the LayerNorm of a pruned group computes (SPEC §4).
+
+    ``mask`` (1 kept, 0 pruned; the shape of ``normalized_shape``) marks the kept entries of the
+    normalized dims. Mean and variance are taken over the kept entries alone, so a kept channel gets
+    exactly what a LayerNorm over the kept channels gives, which is what ``speedup``'s smaller
+    LayerNorm computes; a pruned channel is exactly 0 (its weight and bias are masked), whatever the
+    input holds there. With every channel kept it equals ``F.layer_norm`` up to float rounding.
+    Computed in float32 for half-precision inputs, as ``F.layer_norm`` does under autocast.
+    """
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        x = x.float()
+    dims = [-1 - i for i in range(len(normalized_shape))]
+    keep = mask.to(x.dtype)
+    count = keep.sum()
+    mean = (x * keep).sum(dims, keepdim=True) / count
+    centered = (x - mean) * keep
+    var = (centered * centered).sum(dims, keepdim=True) / count
+    y = centered * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * (weight * keep)
+    if bias is not None:
+        y = y + bias * keep
+    return y
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     """What compress decided for one dependency group that an ``out_channel`` layer makes channels of.
@@ -45,7 +72,9 @@ class GroupPlan:
     ``group`` is the :class:`~fxcompress.passes.dependencies.ChannelGroup`; ``layers`` the Conv/Linear
     layers making its channels (the *producers*); ``norms`` the norm modules over them whose outputs
     are masked. ``prune`` is the setting its channels are pruned with, or None with ``reason`` saying
-    why they are not (blocked, partly selected, a LayerNorm/GroupNorm averaging across them, ...).
+    why they are not (blocked, partly selected, a GroupNorm averaging across them, ...). ``renormed``:
+    the LayerNorms (by their module) that average across the group's channels; with the group pruned
+    they compute :func:`masked_layer_norm`, their statistics over the kept channels only.
     """
 
     group: Any
@@ -54,6 +83,7 @@ class GroupPlan:
     prune: PruneSetting | None
     config_index: int | None
     reason: str | None = None
+    renormed: tuple[str, ...] = ()
 
     @property
     def id(self) -> int:

@@ -57,13 +57,17 @@ def group_report(gm: nn.Module, allocated: Mapping[str, torch.Tensor] | None = N
 
 
 def _status(plan: GroupPlan, keep: torch.Tensor | None) -> str:
-    """``pruned``, ``not pruned: <why>``, or for a ``'taylor'`` group whose masks keep every channel although
+    """``pruned`` (saying which LayerNorms now average over the kept channels), ``not pruned: <why>``, or for a ``'taylor'`` group whose masks keep every channel although
     its target prunes some: ``taylor: waiting for gradients`` (``update_masks(gm, data=...)`` scores it)."""
     if plan.prune is None:
         return f"not pruned: {plan.reason}"
     if plan.prune.criterion in GRADIENT_CRITERIA and keep is not None and bool(keep.all()) and any(
             ratio_floor(plan.prune.sparsity_per_layer, len(part)) for part in plan.group.partitions):
         return "taylor: waiting for gradients"
+    if plan.renormed:
+        names = ", ".join(map(repr, plan.renormed[:2])) + (f" and {len(plan.renormed) - 2} more"
+                                                          if len(plan.renormed) > 2 else "")
+        return f"pruned; LayerNorm {names} averages over the kept channels only"
     return "pruned"
 
 

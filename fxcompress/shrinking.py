@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.annotations import RECORD, plans_of
@@ -36,9 +37,10 @@ from fxcompress.passes.annotate import annotate_layers
 from fxcompress.passes.dependencies import ChannelAnalysis, ChannelGroup, analyze_channels
 from fxcompress.passes.fold_bn import fold_batchnorm
 from fxcompress.passes.functionalize import functionalize_layers
-from fxcompress.passes.group_plan import NORM_TYPES
+from fxcompress.passes.group_plan import NORM_TYPES, layer_norm_call
 from fxcompress.passes.leaf_layers import rewrite_leaf_layers
 from fxcompress.passes.module_level import module_level_reason
+from fxcompress.passes.prune import renorm_layer_norm
 from fxcompress.passes.quantize import insert_fake_quant
 from fxcompress.passes.shrink import fold_constants, layer_calls, measure_inputs, position_keeps, shrink_parameters
 from fxcompress.passes.shrink_graph import ShrinkError, replace_shuffles, rewrite_sizes, slot_keep
@@ -106,11 +108,13 @@ def speedup(gm: torch.fx.GraphModule, example_inputs: torch.Tensor | Sequence[An
     calls = layer_calls(new)
     positions = position_keeps(analysis.groups, keeps, new, calls)
     consumers = {layer for (layer, _, _, role) in positions if role == "in"}
+    renormed = _renorm(new, analysis, keeps, masks)  # the reference computes the masked model's LayerNorms
     reference, measured = measure_inputs(new, calls, consumers, inputs)
     problems = fold_constants(new, calls, positions, measured)
     if problems:
         raise SpeedupError(f"speedup: {problems[0]}")
     shrink_parameters(new, calls, positions)
+    _unrenorm(new, renormed)  # a plain LayerNorm over the kept channels computes the same
     keep = slot_keep(analysis, keeps)
     try:
         replace_shuffles(new, analysis, keep, set(keeps))  # first: the shuffles' own views go
@@ -209,9 +213,11 @@ def _group_keeps(gm: nn.Module, analysis: ChannelAnalysis, masks: Mapping[str, t
             if m.role == "out" and m.param == "weight":
                 explained.setdefault(m.layer, set()).update(
                     p for p, c in zip(m.positions, m.channels, strict=True) if pruned_all[c])
+    record = group_record(gm)
+    norms = {n for p in (record.plans if record is not None else ()) for n in p.norms}
     for name, mask in masks.items():
         rows = set((~mask.reshape(mask.shape[0], -1).any(dim=1)).nonzero().squeeze(1).tolist())
-        if not isinstance(gm.get_submodule(name), NORM_TYPES) and rows - explained.get(name, set()):
+        if name not in norms and rows - explained.get(name, set()):
             raise SpeedupError(f"speedup: layer {name!r} has pruned filters that are in no prunable dependency group "
                                "(its channels are read where the analysis cannot follow them)")
     if not keeps:
@@ -252,9 +258,16 @@ def _check_group(gm: nn.Module, g: ChannelGroup, pruned: torch.Tensor, masks: Ma
     if g.blocked_by is not None:
         raise SpeedupError(f"speedup: group {g.id} ({', '.join(layers)}) cannot be shrunk: node {g.blocked_by!r} "
                            "reads its channels in a way that cannot shrink; exclude its layers from the config")
-    if g.statistics:
-        raise SpeedupError(f"speedup: group {g.id} ({', '.join(layers)}) cannot be shrunk: {g.statistics[0]!r} "
-                           "averages across its channels (a LayerNorm/GroupNorm), so removing them would change it")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in g.statistics:
+        call = layer_norm_call(gm, nodes[name]) if name in nodes else None
+        mask = None if call is None else masks.get(call.owner)
+        norm = None if call is None else _member(g, call.owner)
+        if mask is None or norm is None or any(bool(mask[p]) for p, c in zip(norm.positions, norm.channels, strict=True)
+                                               if pruned[c]):
+            raise SpeedupError(f"speedup: group {g.id} ({', '.join(layers)}) cannot be shrunk: {name!r} averages "
+                               "across its channels (a GroupNorm, or a LayerNorm whose statistics do not leave the "
+                               "pruned channels out), so removing them would change it")
     counts = {int(pruned[list(p)].sum()) for p in g.partitions}
     if len(counts) > 1:
         raise SpeedupError(f"speedup: group {g.id} ({', '.join(layers)}) must lose equally many channels in each of "
@@ -268,6 +281,43 @@ def _check_group(gm: nn.Module, g: ChannelGroup, pruned: torch.Tensor, masks: Ma
                 raise SpeedupError(f"speedup: norm {m.layer!r} is not masked on the pruned channels of group {g.id}, "
                                    "so its shift keeps them alive; compress with example_inputs=(x,) so that "
                                    "granularity 'out_channel' masks the norms of each group")
+
+
+def _member(g: ChannelGroup, layer: str) -> Any:
+    return next((m for m in g.members if m.layer == layer and m.role == "norm" and m.param == "weight"), None)
+
+
+_KEEP = "_fxcompress_speedup_keep"
+
+
+def _renorm(gm: torch.fx.GraphModule, analysis: ChannelAnalysis, keeps: Mapping[int, torch.Tensor],
+            masks: Mapping[str, torch.Tensor]) -> list[torch.fx.Node]:
+    """Make the LayerNorms over pruned groups ``masked_layer_norm`` again, as in the masked model (the
+    stripped graph has plain ones, which count the pruned channels as zeros), with their masks as
+    temporary buffers; :func:`_unrenorm` undoes it once the parameters are sliced."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    done: list[torch.fx.Node] = []
+    for g in analysis.groups:
+        for name in g.statistics if g.id in keeps else ():
+            node = nodes[name]
+            call = layer_norm_call(gm, node)
+            if node in done or call is None:
+                continue
+            gm.register_buffer(f"{_KEEP}{len(done)}", masks[call.owner].to(gm.get_submodule(call.owner).weight),
+                               persistent=False)
+            renorm_layer_norm(gm, node, call, f"{_KEEP}{len(done)}")
+            done.append(node)
+    return done
+
+
+def _unrenorm(gm: torch.fx.GraphModule, renormed: list[torch.fx.Node]) -> None:
+    """Plain ``F.layer_norm`` calls over the kept channels (the weights are sliced), the masks gone."""
+    for node in renormed:
+        x, _, weight, bias, eps, read = node.args
+        node.target, node.args = F.layer_norm, (x, list(gm.get_submodule(weight.target.rpartition(".")[0]).weight.shape),
+                                                weight, bias, eps)
+        gm.graph.erase_node(read)
+        delattr(gm, read.target)
 
 
 def _module(gm: nn.Module, name: str) -> nn.Module | None:

@@ -11,10 +11,12 @@ Changes no node and no parameter.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.annotations import LayerPlan
@@ -23,7 +25,8 @@ from fxcompress.channel_groups import GROUPS, GroupPlan, GroupRecord
 from fxcompress.passes.annotate import COMPUTE_OPS, layer_weight
 from fxcompress.passes.dependencies import ChannelGroup, analyze_channels
 
-__all__ = ["NORM_TYPES", "attach_group_record", "needs_groups", "out_channel_layers"]
+__all__ = ["NORM_TYPES", "LayerNormCall", "attach_group_record", "layer_norm_call", "needs_groups",
+           "out_channel_layers"]
 
 #: Norms with per-channel statistics whose output a group mask zeroes (LayerNorm/GroupNorm average across).
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -54,7 +57,8 @@ def attach_group_record(gm: torch.fx.GraphModule, example_inputs: torch.Tensor |
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     analysis = analyze_channels(gm, inputs)
     selected = out_channel_layers(plans)
-    group_plans = [_group_plan(gm, g, selected) for g in analysis.groups]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    group_plans = [_group_plan(gm, g, selected, nodes) for g in analysis.groups]
     group_plans = [p for p in group_plans if p is not None]
     grouped = {layer for p in group_plans for layer in p.layers}
     ungrouped = {n: _why_ungrouped(p) for n, p in selected.items() if n not in grouped}
@@ -67,7 +71,8 @@ def attach_group_record(gm: torch.fx.GraphModule, example_inputs: torch.Tensor |
     return record
 
 
-def _group_plan(gm: nn.Module, group: ChannelGroup, selected: Mapping[str, LayerPlan]) -> GroupPlan | None:
+def _group_plan(gm: nn.Module, group: ChannelGroup, selected: Mapping[str, LayerPlan],
+                nodes: Mapping[str, torch.fx.Node]) -> GroupPlan | None:
     layers = tuple(dict.fromkeys(m.layer for m in group.members if m.role == "out" and m.param == "weight"))
     mine = [n for n in layers if n in selected]
     if not mine:
@@ -76,6 +81,7 @@ def _group_plan(gm: nn.Module, group: ChannelGroup, selected: Mapping[str, Layer
     settings = {selected[n].prune for n in mine}
     first = selected[mine[0]]
     reason = None
+    renormed, not_renormed = _renormed(gm, group, nodes)
     if group.blocked_by is not None:
         reason = _blocked(group.blocked_by)
     elif len(mine) < len(layers):
@@ -86,9 +92,8 @@ def _group_plan(gm: nn.Module, group: ChannelGroup, selected: Mapping[str, Layer
         other = next(selected[n] for n in mine if selected[n].prune != first.prune)
         reason = (f"its layers have different settings: {first.name!r} config_list[{first.config_index}], "
                   f"{other.name!r} config_list[{other.config_index}]")
-    elif group.statistics:
-        reason = (f"{group.statistics[0]!r} (a LayerNorm/GroupNorm) averages across these channels: removing them "
-                  "would change its mean and variance")
+    elif not_renormed is not None:
+        reason = not_renormed
     else:
         bare = [n for n in norms if getattr(gm.get_submodule(n), "weight", None) is None]
         if bare:
@@ -96,7 +101,61 @@ def _group_plan(gm: nn.Module, group: ChannelGroup, selected: Mapping[str, Layer
                       "pruned channel a value in eval mode only")
     if reason is not None:
         return GroupPlan(group, layers, norms, None, first.config_index, reason)
-    return GroupPlan(group, layers, norms, first.prune, first.config_index)
+    return GroupPlan(group, layers, norms + renormed, first.prune, first.config_index, renormed=renormed)
+
+
+@dataclass(frozen=True)
+class LayerNormCall:
+    """A LayerNorm call whose affine parameters are a module's ``weight`` and ``bias`` (``owner``): a module
+    call, or ``F.layer_norm`` on that module's parameters (torchvision's and timm's LayerNorm2d)."""
+
+    owner: str
+    input: Any
+    normalized_shape: list[int]
+    weight: torch.fx.Node | None  # the read of ``<owner>.weight``; None for a module call
+    bias: torch.fx.Node | None
+    eps: float
+
+
+def layer_norm_call(gm: nn.Module, node: torch.fx.Node) -> LayerNormCall | None:
+    """The LayerNorm ``node`` runs, when its weight is a 1-d ``weight`` parameter of one module, else None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.LayerNorm) or type(m).forward is not nn.LayerNorm.forward or len(node.args) != 1:
+            return None
+        owner, shape, weight, bias, eps = node.target, list(m.normalized_shape), None, None, m.eps
+    elif node.op == "call_function" and node.target is F.layer_norm:
+        args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args, strict=False))
+        args.update(node.kwargs)
+        weight, bias = args.get("weight"), args.get("bias")
+        if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr" or not weight.target.endswith(".weight"):
+            return None
+        owner = weight.target.rpartition(".")[0]
+        if bias is not None and (not isinstance(bias, torch.fx.Node) or bias.target != f"{owner}.bias"):
+            return None
+        shape, eps = list(args["normalized_shape"]), float(args.get("eps", 1e-5))
+    else:
+        return None
+    m = gm.get_submodule(owner)
+    if not isinstance(m._parameters.get("weight"), nn.Parameter) or m.weight.dim() != 1:
+        return None
+    if node.op == "call_module" and m._parameters.get("bias") is None and getattr(m, "bias", None) is not None:
+        return None
+    return LayerNormCall(owner, node.args[0], shape, weight, bias, eps)
+
+
+def _renormed(gm: torch.fx.GraphModule, group: ChannelGroup, nodes: Mapping[str, torch.fx.Node]
+              ) -> tuple[tuple[str, ...], str | None]:
+    """The LayerNorms averaging across the group that can take their statistics over the kept channels (by
+    module), or the reason one cannot (a GroupNorm, a LayerNorm without a 1-d affine weight)."""
+    owners = []
+    for name in group.statistics:
+        call = layer_norm_call(gm, nodes[name]) if name in nodes else None
+        if call is None:
+            return (), (f"{name!r} (a GroupNorm, or a LayerNorm without a 1-d affine weight) averages across these "
+                        "channels: removing them would change its mean and variance")
+        owners.append(call.owner)
+    return tuple(dict.fromkeys(owners)), None
 
 
 def _is_norm(gm: nn.Module, name: str) -> bool:

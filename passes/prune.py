@@ -8,11 +8,12 @@ import torch.nn.functional as F
 
 from fxcompress.annotations import LayerPlan, NodeRole, get_plan, get_role, layer_plans, set_role
 from fxcompress.attention import resolve_layer
-from fxcompress.channel_groups import group_record, masked_channels
+from fxcompress.channel_groups import group_record, masked_channels, masked_layer_norm
 from fxcompress.masking import masked_bias, masked_weight
+from fxcompress.passes.group_plan import LayerNormCall, layer_norm_call
 from fxcompress.pruning import compute_masks, install_masks
 
-__all__ = ["pending_masks", "rewrite_pruned_layers"]
+__all__ = ["pending_masks", "renorm_layer_norm", "rewrite_pruned_layers"]
 
 
 def pending_masks(gm: torch.fx.GraphModule, fraction: float = 1.0) -> dict[str, torch.Tensor]:
@@ -53,11 +54,38 @@ def rewrite_pruned_layers(gm: torch.fx.GraphModule, fraction: float = 1.0, *,
         plan = get_plan(node)
         if node.op == "get_attr" and plan is not None and plan.prune is not None and plan.compressed:
             _mask_read(gm.graph, node, plan)
+    _renorm_layer_norms(gm)
     _mask_norm_outputs(gm)
     if finalize:  # compress() runs the passes back to back and finalizes once
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _renorm_layer_norms(gm: torch.fx.GraphModule) -> None:
+    """Make each LayerNorm over a pruned group's channels a :func:`masked_layer_norm` (statistics over the
+    kept channels, pruned channels 0), in place: the node keeps its name and users."""
+    record = group_record(gm)
+    owners = {n for p in (record.plans if record is not None else ()) if p.prune is not None for n in p.renormed}
+    for node in list(gm.graph.nodes):
+        call = layer_norm_call(gm, node) if node.op in ("call_module", "call_function") else None
+        if call is None or call.owner not in owners or "weight_mask" not in gm.get_submodule(call.owner)._buffers:
+            continue
+        renorm_layer_norm(gm, node, call, f"{call.owner}.weight_mask")
+
+
+def renorm_layer_norm(gm: torch.fx.GraphModule, node: torch.fx.Node, call: LayerNormCall, mask: str) -> None:
+    """Make the LayerNorm ``node`` (``call``) a :func:`masked_layer_norm` with the mask at attribute
+    ``mask``, in place: the node keeps its name and users."""
+    weight, bias = call.weight, call.bias
+    with gm.graph.inserting_before(node):
+        if node.op == "call_module":
+            weight = gm.graph.get_attr(f"{call.owner}.weight")
+            if gm.get_submodule(call.owner).bias is not None:
+                bias = gm.graph.get_attr(f"{call.owner}.bias")
+        read = gm.graph.get_attr(mask)
+    node.op, node.target = "call_function", masked_layer_norm
+    node.args, node.kwargs = (call.input, call.normalized_shape, weight, bias, call.eps, read), {}
 
 
 def _mask_norm_outputs(gm: torch.fx.GraphModule) -> None:

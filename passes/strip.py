@@ -2,7 +2,8 @@
 
 Used when a compressed model is compressed again (SPEC §2.9): the module state (mask buffers,
 quantizers with their ranges, the step counter) stays; only the nodes go, and the passes
-rebuild them from the merged plans. Nodes are recognised by their role annotation or, in a
+rebuild them from the merged plans (a LayerNorm made a ``masked_layer_norm`` is an ``F.layer_norm``
+again). Nodes are recognised by their role annotation or, in a
 graph restored from pickle (which drops metadata), by the function or module class they call.
 """
 
@@ -12,9 +13,10 @@ import copy
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from fxcompress.annotations import META_KEY, get_role
-from fxcompress.channel_groups import masked_channels
+from fxcompress.channel_groups import masked_channels, masked_layer_norm
 from fxcompress.folding import bn_fold_scale, scale_bias, scale_rows, unscale_channels
 from fxcompress.masking import masked_bias, masked_weight
 from fxcompress.quant import ActivationQuantizer, StepCounter, WeightQuantizer
@@ -34,7 +36,9 @@ def strip_compression(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         ``gm``: its graph computes the uncompressed model again from the same modules.
     """
     for node in reversed(list(gm.graph.nodes)):
-        if _added(gm, node):
+        if node.op == "call_function" and node.target is masked_layer_norm:
+            node.target, node.args = F.layer_norm, node.args[:5]  # the LayerNorm it was (as a function)
+        elif _added(gm, node):
             if node.args:
                 node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)

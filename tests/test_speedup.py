@@ -19,6 +19,8 @@ import fxcompress
 from fxcompress.group_report import group_report
 from fxcompress.settings import ratio_floor
 
+from torchvision.models.convnext import CNBlock
+
 from .fixtures import masked_reference
 from .test_dependencies import (
     Add,
@@ -141,13 +143,130 @@ def test_a_blocked_group_is_not_pruned_and_the_plan_names_the_node() -> None:
     assert _rows_pruned(gm, "a") == []
 
 
-def test_groups_a_layer_norm_or_group_norm_averages_over_are_not_pruned() -> None:
+def test_a_group_norm_keeps_its_group_and_a_layer_norm_averages_over_the_kept_channels() -> None:
     gm = _compress(_randomize_norms(Norms()), torch.randn(2, 3, 4, 4))
     rows = {r.layers: r.status for r in group_report(gm)}
     assert rows[("conv",)] == "pruned"
-    assert rows[("conv2",)].startswith("not pruned: 'gn' (a LayerNorm/GroupNorm) averages across these channels")
-    assert rows[("fc",)].startswith("not pruned: 'ln' (a LayerNorm/GroupNorm)")
-    assert _rows_pruned(gm, "fc") == [] and len(_rows_pruned(gm, "conv")) == 4
+    assert rows[("conv2",)] == ("not pruned: 'gn' (a GroupNorm, or a LayerNorm without a 1-d affine weight) averages "
+                                "across these channels: removing them would change its mean and variance")
+    assert rows[("fc",)] == "pruned; LayerNorm 'ln' averages over the kept channels only"
+    assert len(_rows_pruned(gm, "fc")) == 2 and len(_rows_pruned(gm, "conv")) == 4  # floor(0.5 * 5), floor(0.5 * 8)
+    assert _rows_pruned(gm, "conv2") == []
+    assert (gm.ln.weight_mask == 0).nonzero().squeeze(1).tolist() == _rows_pruned(gm, "fc")
+
+
+class LayerNormStream(nn.Module):
+    """A pre-norm residual stream that LayerNorms average across: embed, one MLP block, a final norm, a head."""
+
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.embed, self.ln1 = nn.Linear(4, 8), nn.LayerNorm(8, elementwise_affine=affine)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.ln_out, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc2(F.gelu(self.fc1(self.ln1(h))))
+        return self.head(self.ln_out(h))
+
+
+def _kept_channel_layer_norms(gm: nn.Module) -> mock._patch:
+    """Patch ``F.layer_norm`` so that a LayerNorm whose module ``gm`` masked normalizes the kept channels
+    alone: gather them, ``F.layer_norm`` of the smaller size, scatter into zeros (the reference for
+    SPEC §4's LayerNorm of a pruned group, written without fxcompress's masked formula)."""
+    keeps = {}
+    for name, module in gm.named_modules():
+        if isinstance(module, nn.LayerNorm) and "weight_mask" in module._buffers:
+            keeps[name] = module.weight_mask.bool()
+    real = F.layer_norm
+    by_weight: dict[int, torch.Tensor] = {}
+
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):  # noqa: ANN001, ANN202
+        keep = by_weight.get(id(weight))
+        if keep is None:
+            return real(x, shape, weight, bias, eps)
+        idx = keep.nonzero().squeeze(1)
+        out = torch.zeros_like(x)
+        out[..., idx] = real(x[..., idx], [len(idx)], weight[idx], None if bias is None else bias[idx], eps)
+        return out
+
+    patch = mock.patch.object(F, "layer_norm", layer_norm)
+    patch.register = lambda ref: by_weight.update({id(ref.get_submodule(n).weight): k for n, k in keeps.items()})
+    return patch
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_layer_norm_over_a_pruned_stream_normalizes_the_kept_channels_in_both_modes(mode: str) -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(LayerNormStream())
+    gm = _compress(model, torch.randn(2, 5, 4)).train(mode == "train")
+    pruned = _rows_pruned(gm, "embed")
+    assert len(pruned) == 4 and _rows_pruned(gm, "fc2") == pruned  # one stream group: floor(0.5 * 8)
+    rows = {r.layers: r.status for r in group_report(gm)}
+    assert rows[("embed", "fc2")] == "pruned; LayerNorm 'ln1', 'ln_out' averages over the kept channels only"
+    ref = masked_reference(model, fxcompress.masks(gm)).train(mode == "train")
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    patch = _kept_channel_layer_norms(gm)
+    patch.register(ref)
+    with patch:
+        expected = ref(x)
+    got = gm(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    outputs: dict[str, torch.Tensor] = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            outputs[n.name] = super().run_node(n)
+            return outputs[n.name]
+
+    Record(gm).run(x)
+    assert not outputs["ln1"][..., pruned].any() and not outputs["ln_out"][..., pruned].any()  # exactly 0
+    got.square().sum().backward()
+    assert not gm.ln1.weight.grad[pruned].any() and not gm.ln1.bias.grad[pruned].any()
+    assert gm.ln1.weight.grad[[c for c in range(8) if c not in pruned]].all()
+
+
+def test_a_model_with_masked_layer_norms_scripts_exports_compiles_and_finalizes() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(LayerNormStream()).eval()
+    x = torch.randn(2, 5, 4)
+    gm = _compress(model, x)
+    expected = gm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(gm)
+    torch.testing.assert_close(scripted(x), expected)
+    torch.testing.assert_close(torch.export.export(gm, (x,)).module()(x), expected)
+    torch.testing.assert_close(torch.compile(copy.deepcopy(gm), backend="aot_eager")(x), expected)
+    torch.testing.assert_close(fxcompress.finalize(copy.deepcopy(gm))(x), expected)
+
+
+def test_a_layer_norm_without_affine_weight_keeps_its_group() -> None:
+    gm = _compress(LayerNormStream(affine=False), torch.randn(2, 5, 4))
+    rows = {r.layers: r.status for r in group_report(gm)}
+    assert rows[("embed", "fc2")].startswith("not pruned: 'ln1' (a GroupNorm, or a LayerNorm without a 1-d affine")
+    assert _rows_pruned(gm, "embed") == [] and len(_rows_pruned(gm, "fc1")) == 8
+
+
+def test_tiny_convnext_shrinks_its_stream_through_layer_norm_2d() -> None:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = _nonzero_init(ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=5)).eval()
+    _randomize_norms(model)
+    x = torch.randn(1, 3, 16, 16)
+    gm = _compress(model, x)
+    _group_counts_exact(gm)
+    fast = fxcompress.speedup(gm)
+    probe = torch.randn(2, 3, 32, 32)
+    _assert_same(fast, gm, probe)
+    patch = _kept_channel_layer_norms(gm)
+    ref = _masked_copy(model, gm)
+    patch.register(ref)
+    with patch, torch.no_grad():
+        torch.testing.assert_close(gm(probe), ref(probe), rtol=1e-5, atol=1e-5)
+    assert fast.features[0][0].out_channels == 4 and fast.features[0][1].weight.shape == (4,)  # stem 8 -> 4
+    assert sum(p.numel() for p in fast.parameters()) == _kept_params(model, gm, probe)
 
 
 class Chain(nn.Module):
@@ -232,7 +351,8 @@ class SigmoidInto(nn.Module):
 
 
 def _input(model: nn.Module) -> torch.Tensor:
-    shapes = {Heads: (2, 5, 8), SigmoidInto: (2, 3, 7, 7), FlattenLinear: (2, 3, 5, 5)}
+    shapes = {Heads: (2, 5, 8), SigmoidInto: (2, 3, 7, 7), FlattenLinear: (2, 3, 5, 5), LayerNormStream: (2, 5, 4),
+              Norms: (2, 3, 4, 4)}
     if isinstance(model, SigmoidInto) and model.linear:
         return torch.randn(3, 6)
     return torch.randn(*shapes.get(type(model), (2, 3, 6, 6)))
@@ -261,6 +381,14 @@ HAND_BUILT = {
     "sigmoid-into-conv": (lambda: SigmoidInto(), (4 * 27 + 4) + (4 * 4 + 4)),
     "sigmoid-into-biasless-conv": (lambda: SigmoidInto(bias=False), (4 * 27 + 4) + (4 * 4 + 4)),
     "sigmoid-into-linear": (lambda: SigmoidInto(linear=True), (4 * 6 + 4) + (4 * 4 + 4)),
+    # conv 4 of 8 filters and its BatchNorm; conv2 keeps all 6 (its GroupNorm group is not pruned), reading 4;
+    # fc 3 of 5 (floor(0.5 * 5) = 2 pruned) and its LayerNorm; fc2 3 outputs (the model's) reading 3
+    "norms": (lambda: _randomize_norms(Norms()),
+              (4 * 3 + 4) + 2 * 4 + (6 * 4 + 6) + 2 * 6 + (3 * 6 + 3) + 2 * 3 + (3 * 3 + 3)),
+    # the stream keeps 4 of 8: embed 4*4+4, two LayerNorms 2*4 each, fc1 8 of 16 reading 4, fc2 4 reading 8,
+    # head 3 (the output) reading 4
+    "layer-norm-stream": (lambda: _randomize_norms(LayerNormStream()),
+                          (4 * 4 + 4) + 2 * (2 * 4) + (8 * 4 + 8) + (4 * 8 + 4) + (3 * 4 + 3)),
 }
 
 
@@ -320,7 +448,7 @@ def _masked_copy(model: nn.Module, gm: nn.Module) -> nn.Module:
     ref = masked_reference(model, fxcompress.masks(gm))
     with torch.no_grad():
         for name, module in gm.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and "weight_mask" in module._buffers:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm) and "weight_mask" in module._buffers:
                 norm = ref.get_submodule(name)
                 norm.weight.mul_(module.weight_mask)
                 norm.bias.mul_(module.bias_mask)
@@ -366,11 +494,15 @@ def _kept_params(model: nn.Module, gm: nn.Module, x: torch.Tensor) -> int:
             per_filter = 1 if groups > 1 and groups == m.weight.shape[1] * groups else cin // groups
             total += out * per_filter * m.weight[0, 0].numel() + (out if m.bias is not None else 0)
             counted.update({id(m.weight), id(m.bias)})
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm) and m.weight is not None:
             mask = getattr(gm.get_submodule(name), "weight_mask", None)
             kept = m.weight.numel() if mask is None else int(mask.sum())
             total += 2 * kept
             counted.update({id(m.weight), id(m.bias)})
+        elif isinstance(m, CNBlock):  # its layer scale multiplies the last Linear's outputs channel by channel
+            last = name + ".block.5"
+            total += int(masks[last].any(dim=1).sum()) if last in masks else m.layer_scale.numel()
+            counted.add(id(m.layer_scale))
     return total + sum(p.numel() for p in ref.parameters() if id(p) not in counted)
 
 
