@@ -192,22 +192,52 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+class _FakeQuantTraceable(torch.autograd.Function):
+    """:class:`_FakeQuant` for compilers (``torch.compile``, ``torch.export``): the same values (up to
+    the compiler's reordering of float ops) and straight-through gradient, from out-of-place ops
+    that inductor fuses into the loops around them, with no bool tensor anywhere the partitioner
+    could save for the backward.
+
+    That last point is what makes it fast on CPU: inductor's C++ code stores and loads a bool
+    tensor element by element (a ``VecMask`` to ``bool*`` store runs scalar loops: measured ~11 ns
+    per element, ten times a whole fused quantizer pass). AOTAutograd's partitioner saves a
+    compare of two full tensors (``q == clamped``, ``q == q``: it never recomputes an op whose
+    output is 4x smaller than its inputs) and prefers a 1-byte mask to any 4-byte tensor; so the
+    mask here is float arithmetic (``q`` and ``clamped`` are whole numbers or infinities, so
+    ``|q - clamped|`` is 0 inside the range and at least 1 outside), NaN is caught by a compare
+    with a constant (``q >= -inf`` is false only for NaN; ``isnan``'s CPU code is scalar) and the
+    backward is ``grad * keep``, as :class:`_FakeQuant`'s. The partitioner then saves ``keep`` or
+    ``x`` (4 bytes either way) and recomputes the rest.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, gate: Tensor, qmin: int,
+                qmax: int) -> Tensor:
+        q = torch.round(x * torch.reciprocal(scale))
+        # NaN clamps to qmin as in PyTorch's kernel: every compare with NaN is false
+        q = torch.where(q >= -math.inf, q, -math.inf)
+        # round's -0.0 becomes +0.0, as adding the zero point does in the kernel: inductor drops
+        # the add of a zero point it knows is 0 (the symmetric schemes), and with it that effect
+        q = torch.where(q == 0.0, 0.0, q) + zero_point
+        clamped = torch.clamp(q, qmin, qmax)
+        # a select, not a 0/1 blend (inf * 0 is NaN): an off gate returns x itself
+        out = torch.where(gate, (clamped - zero_point) * scale, x)
+        # 1.0 inside the range, 0.0 outside (inf and NaN included); 1.0 everywhere when off
+        keep = torch.where(gate, 1.0 - torch.clamp(torch.abs(q - clamped), max=1.0), 1.0)
+        ctx.save_for_backward(keep)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (keep,) = ctx.saved_tensors
+        return grad * keep, None, None, None, None, None
+
+
 @torch.jit.unused
 def _fake_quant_traceable(x: Tensor, scale: Tensor, zero_point: Tensor, gate: Tensor, qmin: int,
                           qmax: int) -> Tensor:
-    """:class:`_FakeQuant` without an autograd Function, for compilers: the same values (up to the
-    compiler's reordering of float ops) and gradient. The straight-through rule is written as
-    ``fq + where(inside, x - x.detach(), 0)`` (value ``fq``, derivative 1 inside the range), so the
-    partitioner may keep the mask as bool or recompute it in the backward, and nothing in it stops
-    inductor from fusing the whole quantizer into one loop (``nan_to_num`` would: its CPU code is
-    scalar)."""
-    xd = x.detach()
-    q = torch.round(xd * torch.reciprocal(scale))
-    q = torch.where(q == q, q, -math.inf) + zero_point  # NaN -> qmin, as PyTorch's kernel
-    clamped = torch.clamp(q, qmin, qmax)
-    quantized = (clamped - zero_point) * scale
-    on = quantized + torch.where(q == clamped, x - xd, 0.0)
-    return torch.where(gate, on, x)
+    """:class:`_FakeQuantTraceable` (the path ``torch.compile`` and ``torch.export`` take)."""
+    return _FakeQuantTraceable.apply(x, scale, zero_point, gate, qmin, qmax)
 
 
 # -- plain eager on CPU -------------------------------------------------------------------------
