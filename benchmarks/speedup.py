@@ -57,11 +57,24 @@ def torch_pruning(model: nn.Module, last: str, sparsity: float, x: torch.Tensor)
     return pruned.eval()
 
 
-def fx_speedup(model: nn.Module, last: str, sparsity: float, x: torch.Tensor) -> tuple[nn.Module, float]:
-    """The sped-up model and its max |difference| from the masked model it came from."""
+def fx_speedup(model: nn.Module, last: str, sparsity: float, x: torch.Tensor,
+               counts_of: nn.Module | None = None) -> tuple[nn.Module, float]:
+    """The sped-up model and its max |difference| from the masked model it came from.
+
+    ``counts_of``: a pruned model (Torch-Pruning's) whose kept filter counts each layer should match:
+    Torch-Pruning keeps ``int(C·(1-s))`` filters, where SPEC §4 prunes ``floor(s·C)``, so at 70% it
+    removes one channel more of 96; a per-layer sparsity of ``(C - kept + 0.5) / C`` prunes as many.
+    """
     config = [{"op_types": ["Conv2d", "Linear"], "sparsity_per_layer": sparsity, "granularity": "out_channel",
-               "criterion": "l1"},
-              {"op_names": [last], "exclude": True}]
+               "criterion": "l1"}]
+    if counts_of is not None:
+        config = []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d | nn.Linear) and name != last:
+                total, kept = m.weight.shape[0], counts_of.get_submodule(name).weight.shape[0]
+                config.append({"op_names": [name], "sparsity_per_layer": (total - kept + 0.5) / total,
+                               "granularity": "out_channel", "criterion": "l1"})
+    config.append({"op_names": [last], "exclude": True})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         masked = fxcompress.compress(model, config, example_inputs=(x,)).eval()
@@ -85,7 +98,8 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench(name: str, sparsity: float, modes: list[str], rounds: int, warmup: int) -> list[dict]:
+def bench(name: str, sparsity: float, modes: list[str], rounds: int, warmup: int, tp_counts: bool = False
+          ) -> list[dict]:
     model, last = build(name)
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     variants: dict[str, nn.Module] = {"dense": model}
@@ -98,6 +112,9 @@ def bench(name: str, sparsity: float, modes: list[str], rounds: int, warmup: int
     if hasattr(fxcompress, "speedup"):
         variants["fxcompress"], diff = fx_speedup(model, last, sparsity, x)
         extra["fxcompress"] = {"max_abs_diff_vs_masked": diff}
+        if tp_counts and "torch-pruning" in variants:
+            variants["fxcompress, TP's counts"], diff = fx_speedup(model, last, sparsity, x, variants["torch-pruning"])
+            extra["fxcompress, TP's counts"] = {"max_abs_diff_vs_masked": diff}
     dense_params, dense_flops = count(model, x)
     rows = []
     for mode in modes:
@@ -126,12 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--results", default="speedup", help="name of the JSON written under benchmarks/results")
+    parser.add_argument("--tp-counts", action="store_true",
+                        help="also time fxcompress pruning as many filters per layer as Torch-Pruning did")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     rows = []
     for name in args.models:
         for sparsity in args.sparsities:
-            rows += bench(name, sparsity, args.modes, args.rounds, args.warmup)
+            rows += bench(name, sparsity, args.modes, args.rounds, args.warmup, args.tp_counts)
             print(f"{name} {sparsity:g} done", flush=True)
     table = [[r["model"], r["sparsity"], r["mode"], r["variant"], f"{r['median_ms']:.1f}", f"{r['speedup']:.2f}x",
               f"{r['params']:.2f}", f"{r['flops']:.2f}",
