@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.convnext import CNBlock
 
 import fxcompress
 from fxcompress.group_report import group_report
 from fxcompress.settings import ratio_floor
-
-from torchvision.models.convnext import CNBlock
 
 from .fixtures import masked_reference
 from .test_dependencies import (
