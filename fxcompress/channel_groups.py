@@ -57,9 +57,9 @@ def masked_layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | N
     mean = (x * keep).sum(dims, keepdim=True) / count
     centered = (x - mean) * keep
     var = (centered * centered).sum(dims, keepdim=True) / count
-    y = centered * torch.rsqrt(var + eps)
+    y = centered * torch.rsqrt(var + eps)  # 0 in the pruned channels, whatever the weight
     if weight is not None:
-        y = y * (weight * keep)
+        y = y * weight
     if bias is not None:
         y = y + bias * keep
     return y

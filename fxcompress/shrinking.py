@@ -194,10 +194,11 @@ def _group_keeps(gm: nn.Module, analysis: ChannelAnalysis, masks: Mapping[str, t
 
     Raises:
         SpeedupError: masks that split a group's channels; a pruned group that is blocked, averaged
-            over by a LayerNorm/GroupNorm, cut unevenly across its partitions, or has an unmasked norm.
+            over by a GroupNorm (or a LayerNorm not masked on them), cut unevenly across its partitions, or has an unmasked norm.
     """
     keeps: dict[int, torch.Tensor] = {}
     explained: dict[str, set[int]] = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
     for g in analysis.groups:
         pruned_all, pruned_any = _pruned_channels(g, masks)
         if bool(pruned_any.any()) and not torch.equal(pruned_all, pruned_any):
@@ -207,7 +208,7 @@ def _group_keeps(gm: nn.Module, analysis: ChannelAnalysis, masks: Mapping[str, t
                                "'out_channel' prunes whole dependency groups")
         if not bool(pruned_all.any()):
             continue
-        _check_group(gm, g, pruned_all, masks)
+        _check_group(gm, g, pruned_all, masks, nodes)
         keeps[g.id] = ~pruned_all
         for m in g.members:
             if m.role == "out" and m.param == "weight":
@@ -253,12 +254,12 @@ def _splitter(g: ChannelGroup, masks: Mapping[str, torch.Tensor], pruned_all: to
     return g.members[0].layer
 
 
-def _check_group(gm: nn.Module, g: ChannelGroup, pruned: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> None:
+def _check_group(gm: nn.Module, g: ChannelGroup, pruned: torch.Tensor, masks: Mapping[str, torch.Tensor],
+                 nodes: Mapping[str, torch.fx.Node]) -> None:
     layers = sorted({m.layer for m in g.members if m.role == "out"})
     if g.blocked_by is not None:
         raise SpeedupError(f"speedup: group {g.id} ({', '.join(layers)}) cannot be shrunk: node {g.blocked_by!r} "
                            "reads its channels in a way that cannot shrink; exclude its layers from the config")
-    nodes = {n.name: n for n in gm.graph.nodes}
     for name in g.statistics:
         call = layer_norm_call(gm, nodes[name]) if name in nodes else None
         mask = None if call is None else masks.get(call.owner)

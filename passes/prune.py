@@ -68,7 +68,7 @@ def _renorm_layer_norms(gm: torch.fx.GraphModule) -> None:
     record = group_record(gm)
     owners = {n for p in (record.plans if record is not None else ()) if p.prune is not None for n in p.renormed}
     for node in list(gm.graph.nodes):
-        call = layer_norm_call(gm, node) if node.op in ("call_module", "call_function") else None
+        call = layer_norm_call(gm, node)
         if call is None or call.owner not in owners or "weight_mask" not in gm.get_submodule(call.owner)._buffers:
             continue
         renorm_layer_norm(gm, node, call, f"{call.owner}.weight_mask")

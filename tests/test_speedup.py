@@ -169,16 +169,13 @@ class LayerNormStream(nn.Module):
         return self.head(self.ln_out(h))
 
 
-def _kept_channel_layer_norms(gm: nn.Module) -> mock._patch:
-    """Patch ``F.layer_norm`` so that a LayerNorm whose module ``gm`` masked normalizes the kept channels
-    alone: gather them, ``F.layer_norm`` of the smaller size, scatter into zeros (the reference for
-    SPEC §4's LayerNorm of a pruned group, written without fxcompress's masked formula)."""
-    keeps = {}
-    for name, module in gm.named_modules():
-        if isinstance(module, nn.LayerNorm) and "weight_mask" in module._buffers:
-            keeps[name] = module.weight_mask.bool()
+def _kept_channel_layer_norms(gm: nn.Module, ref: nn.Module) -> mock._patch:
+    """Patch ``F.layer_norm`` so that in ``ref`` a LayerNorm whose module ``gm`` masked normalizes the kept
+    channels alone: gather them, ``F.layer_norm`` of the smaller size, scatter into zeros (the reference
+    for SPEC §4's LayerNorm of a pruned group, written without fxcompress's masked formula)."""
+    by_weight = {id(ref.get_submodule(name).weight): module.weight_mask.bool() for name, module in gm.named_modules()
+                 if isinstance(module, nn.LayerNorm) and "weight_mask" in module._buffers}
     real = F.layer_norm
-    by_weight: dict[int, torch.Tensor] = {}
 
     def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):  # noqa: ANN001, ANN202
         keep = by_weight.get(id(weight))
@@ -189,9 +186,7 @@ def _kept_channel_layer_norms(gm: nn.Module) -> mock._patch:
         out[..., idx] = real(x[..., idx], [len(idx)], weight[idx], None if bias is None else bias[idx], eps)
         return out
 
-    patch = mock.patch.object(F, "layer_norm", layer_norm)
-    patch.register = lambda ref: by_weight.update({id(ref.get_submodule(n).weight): k for n, k in keeps.items()})
-    return patch
+    return mock.patch.object(F, "layer_norm", layer_norm)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -205,9 +200,7 @@ def test_a_layer_norm_over_a_pruned_stream_normalizes_the_kept_channels_in_both_
     assert rows[("embed", "fc2")] == "pruned; LayerNorm 'ln1', 'ln_out' averages over the kept channels only"
     ref = masked_reference(model, fxcompress.masks(gm)).train(mode == "train")
     x = torch.randn(3, 5, 4, requires_grad=True)
-    patch = _kept_channel_layer_norms(gm)
-    patch.register(ref)
-    with patch:
+    with _kept_channel_layer_norms(gm, ref):
         expected = ref(x)
     got = gm(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -259,10 +252,8 @@ def test_tiny_convnext_shrinks_its_stream_through_layer_norm_2d() -> None:
     fast = fxcompress.speedup(gm)
     probe = torch.randn(2, 3, 32, 32)
     _assert_same(fast, gm, probe)
-    patch = _kept_channel_layer_norms(gm)
     ref = _masked_copy(model, gm)
-    patch.register(ref)
-    with patch, torch.no_grad():
+    with _kept_channel_layer_norms(gm, ref), torch.no_grad():
         torch.testing.assert_close(gm(probe), ref(probe), rtol=1e-5, atol=1e-5)
     assert fast.features[0][0].out_channels == 4 and fast.features[0][1].weight.shape == (4,)  # stem 8 -> 4
     assert sum(p.numel() for p in fast.parameters()) == _kept_params(model, gm, probe)
