@@ -2,7 +2,8 @@
 
     python -m benchmarks.train_step [--rounds 30] [--models seed resnet18 mlp] [--modes eager compiled]
 
-One training step = forward, backward, optimizer step (SGD, momentum). For every model and mode,
+One training step = forward, backward, optimizer step (SGD, momentum) on the next of 8 fixed
+random batches (a new batch each step, as in training). For every model and mode,
 all variants are timed in one process, interleaved round by round (plain, variant, plain,
 variant, ...) after warm-up; the figure is the median over rounds of variant time / the
 adjacent plain time. Peak memory of one step (parameters, gradients, optimizer state and
@@ -95,15 +96,30 @@ def variants(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], nn.Mod
     }
 
 
+BATCHES = 8
+
+
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool) -> Callable[[], None]:
+    """One training step per call, on the next of ``BATCHES`` batches shaped like ``x`` and ``y``.
+
+    The first batch is ``x``, ``y`` themselves; the others are drawn from a fixed seed, so every
+    variant sees the same sequence. A new batch each step is what training does: the activation
+    ranges then move as they do in training, not settle on one repeated batch.
+    """
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     forward = torch.compile(model) if compiled else model
+    gen = torch.Generator().manual_seed(1)
+    data = [(x, y)] + [(torch.randn(x.shape, generator=gen), y[torch.randperm(len(y), generator=gen)])
+                       for _ in range(BATCHES - 1)]
+    turn = [0]
 
     def step() -> None:
+        xb, yb = data[turn[0] % BATCHES]
+        turn[0] += 1
         opt.zero_grad(set_to_none=True)
-        out = forward(x)
-        loss = F.cross_entropy(out, y) if out.dim() == 2 else out.float().mean()
+        out = forward(xb)
+        loss = F.cross_entropy(out, yb) if out.dim() == 2 else out.float().mean()
         loss.backward()
         opt.step()
 

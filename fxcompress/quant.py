@@ -323,7 +323,7 @@ def release_buffers() -> None:
 
 
 def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor, zero_point: float | Tensor,
-                     qmin: int, qmax: int, nan_free: bool, keep: bool,
+                     qmin: int, qmax: int, nan_free: bool, keep: bool, in_range: bool,
                      pool: BufferPool | None) -> tuple[Tensor, Tensor | None]:
     """Fake-quantized ``x`` (float32) and, if ``keep``, its float32 0/1 straight-through mask.
 
@@ -331,14 +331,18 @@ def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor
     from ``pool`` (new tensors without one). The mask is 1 where the rounded, shifted value was
     within ``[qmin, qmax]``, as PyTorch's kernel computes it. It is float32, not bool: one compare
     into the dead rounding buffer, and a float multiply in the backward (bool masks measured slower
-    on CPU; see the README's benchmark section).
+    on CPU; see the README's benchmark section). With ``in_range`` (the caller has shown that every
+    value rounds to a level within ``[qmin, qmax]``) the clamp would change nothing and the mask
+    would be all ones: neither is made, and the mask returned is None.
     """
     q = torch.mul(x, inv_scale, out=pool.take(x)) if pool is not None else torch.mul(x, inv_scale)
     if not nan_free:  # NaN clamps to qmin as in PyTorch's kernel (and is outside the range)
         q.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     q.round_().add_(zero_point)  # adding the zero point also turns round's -0.0 into +0.0, as the kernel has
     mask = None
-    if not keep:
+    if in_range:
+        out = q
+    elif not keep:
         out = q.clamp_(qmin, qmax)
     else:
         out = torch.clamp(q, qmin, qmax, out=pool.take(x)) if pool is not None else torch.clamp(q, qmin, qmax)
@@ -348,25 +352,42 @@ def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor
     return out.mul_(scale), mask
 
 
+def _levels_contain(lo: float, hi: float, inv_scale: float, zero_point: float, qmin: int, qmax: int) -> bool:
+    """Whether every float32 value in ``[lo, hi]`` rounds to a level within ``[qmin, qmax]``.
+
+    ``round(v * inv_scale) + zero_point`` (float32 products, as the tensor ops round them) is monotone
+    in ``v``, so the two ends decide. Then fake quantization clamps nothing and the straight-through
+    mask is all ones.
+    """
+    low, high = f32(lo * inv_scale), f32(hi * inv_scale)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return False
+    return round(low) + zero_point >= qmin and round(high) + zero_point <= qmax
+
+
 class _FakeQuantEager(torch.autograd.Function):
     """Fake quantization that is on, with precomputed (float or tensor) parameters."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, inv_scale: Any, scale: Any, zero_point: Any, qmin: int, qmax: int,
-                nan_free: bool, pool: BufferPool | None) -> Tensor:
-        out, mask = _quantize_values(x, inv_scale, scale, zero_point, qmin, qmax, nan_free, True, pool)
-        ctx.save_for_backward(mask)
+                nan_free: bool, in_range: bool, pool: BufferPool | None) -> Tensor:
+        out, mask = _quantize_values(x, inv_scale, scale, zero_point, qmin, qmax, nan_free, True, in_range, pool)
+        if mask is not None:  # in range: the gradient passes unchanged, nothing is kept for the backward
+            ctx.save_for_backward(mask)
+        ctx.masked = mask is not None
         # a gradient in a pooled buffer is copied, not kept, where it becomes a leaf's .grad
         ctx.pool = None if x.is_leaf else pool
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.masked:
+            return grad, None, None, None, None, None, None, None, None
         (mask,) = ctx.saved_tensors
         pool: BufferPool | None = ctx.pool
         if pool is None:
-            return grad * mask, None, None, None, None, None, None, None
-        return torch.mul(grad, mask, out=pool.take(grad)), None, None, None, None, None, None, None
+            return grad * mask, None, None, None, None, None, None, None, None
+        return torch.mul(grad, mask, out=pool.take(grad)), None, None, None, None, None, None, None, None
 
 
 #: up to this many elements PyTorch's own fake-quant kernels (one dispatch, autograd in C++) beat
@@ -394,7 +415,8 @@ def _zero_points(channels: int, value: int) -> Tensor:
 
 @torch.jit.unused
 def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor, qmin: int, qmax: int,
-                   nan_free: bool, pool: BufferPool | None) -> Tensor:
+                   nan_free: bool, pool: BufferPool | None, span: tuple[float, float] | None = None,
+                   narrow_symmetric: bool = False) -> Tensor:
     """Eager fake quantization with the gate known to be on; a mask only when a gradient needs it.
 
     Args:
@@ -405,6 +427,11 @@ def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor,
         qmax: the highest integer level.
         nan_free: ``x`` is known to hold no NaN (a pass is skipped).
         pool: where the result and the mask are written, or None for new tensors.
+        span: per tensor, the finite min and max of ``x`` when known: if both round to levels within
+            ``[qmin, qmax]``, nothing is clamped and no mask is kept (the gradient passes unchanged).
+        narrow_symmetric: per channel, ``scale`` is each row's largest ``|x|`` over ``qmax`` (zero
+            point 0, ``qmin == -qmax``): then every finite row rounds within the levels (see
+            :meth:`WeightQuantizer._forward_plain`), and no mask is kept either.
     """
     xf = x if x.dtype == torch.float32 else x.float()
     if isinstance(scale, float):
@@ -412,6 +439,7 @@ def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor,
             out = torch.fake_quantize_per_tensor_affine(xf, scale, int(zero_point), qmin, qmax)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
         inv_scale: float | Tensor = f32(1.0 / scale)
+        in_range = span is not None and _levels_contain(span[0], span[1], inv_scale, zero_point, qmin, qmax)
     else:
         # PyTorch's per-channel kernel maps values beyond int64 (inf) to qmin: used only when every
         # scale (and so every value of x, the row's range) is finite
@@ -421,15 +449,17 @@ def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor,
                 else zero_point.to(torch.int32)
             out = torch.fake_quantize_per_channel_affine(xf, scale, zp, 0, qmin, qmax)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
+        in_range = narrow_symmetric and nan_free
         shape = [-1] + [1] * (x.dim() - 1)
         scale = scale.reshape(shape)
         inv_scale = torch.reciprocal(scale)
         if not isinstance(zero_point, float):
             zero_point = zero_point.reshape(shape)
     if torch.is_grad_enabled() and x.requires_grad:
-        out = _FakeQuantEager.apply(xf, inv_scale, scale, zero_point, qmin, qmax, nan_free, pool)
+        out = _FakeQuantEager.apply(xf, inv_scale, scale, zero_point, qmin, qmax, nan_free, in_range, pool)
     else:
-        out = _quantize_values(xf.detach(), inv_scale, scale, zero_point, qmin, qmax, nan_free, False, pool)[0]
+        out = _quantize_values(xf.detach(), inv_scale, scale, zero_point, qmin, qmax, nan_free, False, in_range,
+                               pool)[0]
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
@@ -561,7 +591,9 @@ class ActivationQuantizer(_Quantizer):
         if not initialized or step.item() < self.start_step:
             return x
         scale, zero_point = qparams_float(lo, hi, self.qmin, self.qmax, self.symmetric)
-        return _fake_quant_on(x, scale, zero_point, self.qmin, self.qmax, nan_free, self._buffer_pool())
+        # a training batch's own min and max are known: if they round within the levels, no mask
+        span = (seen_lo, seen_hi) if self.training and nan_free else None
+        return _fake_quant_on(x, scale, zero_point, self.qmin, self.qmax, nan_free, self._buffer_pool(), span)
 
 
 class WeightQuantizer(_Quantizer):
@@ -607,8 +639,13 @@ class WeightQuantizer(_Quantizer):
             if self.symmetric:  # qparams' max(-min(lo, 0), max(hi, 0)) is the row's largest |w|
                 magnitude = torch.abs(rows, out=pool.take(rows)) if pool is not None else rows.abs()
                 scale = magnitude.amax(dim=1).div_((self.qmax - self.qmin) / 2.0).clamp_(min=_EPS)
+                # narrow int levels (-qmax..qmax, zero point 0): the row's largest |w| times the float32
+                # reciprocal of f32(largest / qmax) is qmax within 3 float32 roundings (or below qmax
+                # when the scale is raised to eps), far from the half level that would round past
+                # qmax for qmax <= 2**16; every other finite |w| of the row is smaller: all levels fit
+                narrow = self.qmin == -self.qmax and 1 <= self.qmax <= 1 << 16
                 return _fake_quant_on(w, scale, float((self.qmin + self.qmax) // 2), self.qmin, self.qmax, False,
-                                      pool)
+                                      pool, narrow_symmetric=narrow)
             # two passes beat aminmax(dim=) 15x on CPU
             scale, zero_point = qparams(rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, False)
             return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, False, pool)
@@ -618,4 +655,4 @@ class WeightQuantizer(_Quantizer):
             scale_t, zp_t = self.current_qparams(w)
             return fake_quant(w, scale_t, zp_t, torch.ones((), dtype=torch.bool), self.qmin, self.qmax, False)
         scale, zero_point = qparams_float(lo, hi, self.qmin, self.qmax, self.symmetric)
-        return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, True, self._buffer_pool())
+        return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, True, self._buffer_pool(), (lo, hi))

@@ -237,7 +237,7 @@ def test_pool_is_shared_bounded_and_released_in_eval() -> None:
     for _ in range(2):
         q(w, torch.tensor(1)).sum().backward()
     pool = quant.buffer_pool()
-    assert pool.nbytes == 3 * 300 * 200 * 4  # |w|, output and mask, reused in the second step
+    assert pool.nbytes == 2 * 300 * 200 * 4  # |w| and the output (no mask: see below), reused
     assert "_pool" not in q.__dict__ and len(pickle.dumps(q)) < 10_000 and copy.deepcopy(q) is not q
     q.eval()
     assert quant.buffer_pool().nbytes == 0  # eval mode releases the buffers
@@ -245,6 +245,60 @@ def test_pool_is_shared_bounded_and_released_in_eval() -> None:
     small.take(torch.empty(100))  # 400 bytes: kept
     small.take(torch.empty(200))  # 800 more: over the cap, not kept
     assert small.nbytes == 400
+
+
+def saved_numels(fn) -> list[int]:
+    """The sizes of the tensors autograd saves while ``fn`` runs."""
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8, 16])
+def test_narrow_symmetric_rows_never_clamp_in_torch_kernel(nbits: int) -> None:
+    # Why per-channel symmetric int weights keep no mask: PyTorch's own kernel, with scales made
+    # here as the largest |w| of each row over qmax, passes the whole gradient for rows of every size
+    qmax = 2 ** (nbits - 1) - 1
+    gen = torch.Generator().manual_seed(nbits)
+    magnitudes = 10.0 ** torch.linspace(-44, 37, 400)  # subnormal rows (scale raised to eps) to huge
+    w = (torch.randn(400, 50, generator=gen) * magnitudes[:, None]).requires_grad_()
+    scale = (w.detach().abs().amax(1) / qmax).clamp(min=torch.finfo(torch.float32).eps)
+    zeros = torch.zeros(400, dtype=torch.int32)
+    torch.fake_quantize_per_channel_affine(w, scale, zeros, 0, -qmax, qmax).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("scheme,dtype", [("per_tensor_affine", "uint"), ("per_tensor_symmetric", "int")])
+def test_batch_within_the_range_keeps_no_mask(scheme: str, dtype: str) -> None:
+    # A training batch whose min and max round within the levels (after the EMA update) clamps nothing:
+    # no mask is kept and the gradient passes whole. A wider batch keeps the mask. Values and
+    # gradients equal PyTorch's kernel at the quantizer's own scale and zero point either way.
+    setting = QuantSetting(8, scheme, dtype)
+    q = ActivationQuantizer(setting, 0).train()
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 8, 32, 32, generator=gen)  # 32768 elements: the pooled passes
+    grad_in = torch.linspace(-1, 1, base.numel()).reshape(base.shape)
+    saved, outside = [], []
+    for factor in (1.0, 0.5, 0.5, 3.0):  # first batch sets the range; then narrower, narrower, wider
+        x = (base * factor).requires_grad_()
+        out = []
+        saved.append(saved_numels(lambda x=x, out=out: out.append(q(x, torch.tensor(0)))))
+        out[0].backward(grad_in)
+        scale, zp = qparams(q.tracked_min, q.tracked_max, setting.qmin, setting.qmax, setting.symmetric)
+        xk = x.detach().clone().requires_grad_()
+        expected = torch.fake_quantize_per_tensor_affine(xk, scale, zp.int(), setting.qmin, setting.qmax)
+        expected.backward(grad_in)
+        assert torch.equal(bits(out[0]), bits(expected)) and torch.equal(bits(x.grad), bits(xk.grad))
+        outside.append(int((xk.grad != grad_in).sum()))
+    assert outside[:3] == [0, 0, 0] and outside[3] > 1000  # the kernel clamps only the wider batch
+    assert saved[:3] == [[], [], []]
+    assert saved[3] == [base.numel()]  # the mask
 
 
 def test_pool_hands_out_only_free_buffers() -> None:
