@@ -17,9 +17,11 @@ Two ways to the same numbers:
 
 * **plain eager on CPU** (the common training loop): a per-tensor range, its scale and zero point
   and the gate are Python floats, computed with every operation rounded to float32 exactly as the
-  tensor code rounds it. A quantizer then costs one reduction and five elementwise passes (two of
-  them allocating), instead of some thirty dispatched 0-dim tensor ops that cost more than the
-  passes on small layers. A quantizer that is off returns its input itself.
+  tensor code rounds it. A quantizer then costs one reduction and three elementwise passes
+  (multiply, round, scale) into reused buffers; where a value can fall outside the levels, a clamp
+  and a mask pass more, and a multiply in the backward. That replaces some thirty dispatched 0-dim
+  tensor ops that cost more than the passes on small layers. A quantizer that is off returns its
+  input itself.
 * **everything else** (``torch.compile``, ``torch.export``, ``torch.jit.trace``, CUDA, tensor
   subclasses, dispatch modes): the same formulas on 0-dim tensors, no host synchronisation and no
   data-dependent Python branch, so the graph is static and compilers fuse it.
@@ -35,7 +37,6 @@ from __future__ import annotations
 import math
 import struct
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -327,8 +328,8 @@ def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor
                      pool: BufferPool | None) -> tuple[Tensor, Tensor | None]:
     """Fake-quantized ``x`` (float32) and, if ``keep``, its float32 0/1 straight-through mask.
 
-    The same float32 operations as :class:`_FakeQuant` in the same order, written into buffers
-    from ``pool`` (new tensors without one). The mask is 1 where the rounded, shifted value was
+    The values of :class:`_FakeQuant`, bit for bit, in fewer passes (the zero point is never added
+    and subtracted, see below), written into buffers from ``pool`` (new tensors without one). The mask is 1 where the rounded, shifted value was
     within ``[qmin, qmax]``, as PyTorch's kernel computes it. It is float32, not bool: one compare
     into the dead rounding buffer, and a float multiply in the backward (bool masks measured slower
     on CPU; see the README's benchmark section). With ``in_range`` (the caller has shown that every
@@ -338,18 +339,27 @@ def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor
     q = torch.mul(x, inv_scale, out=pool.take(x)) if pool is not None else torch.mul(x, inv_scale)
     if not nan_free:  # NaN clamps to qmin as in PyTorch's kernel (and is outside the range)
         q.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    q.round_().add_(zero_point)  # adding the zero point also turns round's -0.0 into +0.0, as the kernel has
+    q.round_()  # the level before the zero point is added
     mask = None
-    if in_range:
-        out = q
-    elif not keep:
-        out = q.clamp_(qmin, qmax)
-    else:
-        out = torch.clamp(q, qmin, qmax, out=pool.take(x)) if pool is not None else torch.clamp(q, qmin, qmax)
-        mask = torch.eq(q, out, out=q)  # 1.0 inside the range
-    if not (isinstance(zero_point, float) and zero_point == 0.0):  # x - 0.0 is x: a pass saved
-        out.sub_(zero_point)
-    return out.mul_(scale), mask
+    if not in_range:
+        # clamp(q + zp, qmin, qmax) - zp is clamp(q, qmin - zp, qmax - zp): whole numbers, exact in
+        # float32 (beyond 2**24 both are outside the range and give the bound)
+        low, high = qmin - zero_point, qmax - zero_point
+        if not keep:
+            q.clamp_(low, high)
+        else:
+            clamped = torch.clamp(q, low, high, out=pool.take(x)) if pool is not None else torch.clamp(q, low, high)
+            mask = torch.eq(q, clamped, out=q)  # 1.0 inside the range
+            q = clamped
+    # 0 + q * scale; adding 0 turns round's -0.0 into +0.0, as the kernel's zero-point addition does.
+    # Per tensor that is one pass (two fewer than adding and subtracting the zero point, then
+    # scaling); per channel two (addcmul with a broadcast 0 runs 4-6x slower than both)
+    if isinstance(scale, float):
+        return torch.add(_ZERO, q, alpha=scale, out=q), mask
+    return q.mul_(scale).add_(0.0), mask
+
+
+_ZERO = torch.zeros(())
 
 
 def _levels_contain(lo: float, hi: float, inv_scale: float, zero_point: float, qmin: int, qmax: int) -> bool:
@@ -549,23 +559,26 @@ class ActivationQuantizer(_Quantizer):
     def _tracked_floats(self) -> tuple[float, float, bool]:
         """``tracked_min``, ``tracked_max`` and ``initialized`` as Python values, read from the buffers
         only when they are other tensors or were written since (their version counters say so)."""
-        buffers = (self.tracked_min, self.tracked_max, self.initialized)
+        buffers = self._buffers
+        low, high, init = buffers["tracked_min"], buffers["tracked_max"], buffers["initialized"]
         seen = self.__dict__.get("_seen")
-        if seen is not None and all(ref() is t and t._version == version
-                                    for (ref, version), t in zip(seen[0], buffers, strict=True)):
-            return seen[1]
-        values = (buffers[0].item(), buffers[1].item(), buffers[2].item() > 0.5)
-        self.__dict__["_seen"] = ([(weakref.ref(t), t._version) for t in buffers], values)
+        if (seen is not None and seen[0] is low and seen[1] is high and seen[2] is init
+                and seen[3] == (low._version, high._version, init._version)):
+            return seen[4]
+        values = (low.item(), high.item(), init.item() > 0.5)
+        self.__dict__["_seen"] = (low, high, init, (low._version, high._version, init._version), values)
         return values
 
     @torch.jit.unused
     def _remember(self, lo: float, hi: float, initialized: bool) -> None:
-        buffers = (self.tracked_min, self.tracked_max, self.initialized)
-        self.__dict__["_seen"] = ([(weakref.ref(t), t._version) for t in buffers], (lo, hi, initialized))
+        buffers = self._buffers
+        low, high, init = buffers["tracked_min"], buffers["tracked_max"], buffers["initialized"]
+        self.__dict__["_seen"] = (low, high, init, (low._version, high._version, init._version),
+                                  (lo, hi, initialized))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_seen", None)  # weak references: neither copied nor pickled
+        state.pop("_seen", None)  # a cache of the buffers' values: neither copied nor pickled
         return state
 
     @torch.jit.unused

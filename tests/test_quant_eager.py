@@ -95,7 +95,7 @@ def run_activation(x_batches: list[torch.Tensor], scheme: str, dtype: str, nbits
     return record
 
 
-@pytest.mark.parametrize("shape", [(3, 5), (4, 8, 16, 16)])  # PyTorch's kernel / the pooled passes
+@pytest.mark.parametrize("shape", [(3, 5), (4, 8, 16, 17)])  # PyTorch's kernel / the pooled passes (> 8192)
 @pytest.mark.parametrize("scheme,dtype", SCHEMES)
 @pytest.mark.parametrize("special", [False, True])
 def test_activation_fast_path_equals_tensor_path(tensor_path, shape, scheme: str, dtype: str, special: bool) -> None:
