@@ -489,6 +489,13 @@ class _Quantizer(nn.Module):
         return super().train(mode)
 
 
+@torch.jit.unused
+def _state(*tensors: Tensor) -> tuple[int, ...]:
+    """What changes when a tensor is written in place (its version) or swapped under the same Python
+    object (``torch.utils.swap_tensors``, as ``load_state_dict`` may do: its C++ tensor)."""
+    return tuple(v for t in tensors for v in (t._version, t._cdata))
+
+
 class ActivationQuantizer(_Quantizer):
     """Per-tensor fake-quant of an activation with an EMA (decay 0.99) min/max observer.
 
@@ -563,18 +570,17 @@ class ActivationQuantizer(_Quantizer):
         low, high, init = buffers["tracked_min"], buffers["tracked_max"], buffers["initialized"]
         seen = self.__dict__.get("_seen")
         if (seen is not None and seen[0] is low and seen[1] is high and seen[2] is init
-                and seen[3] == (low._version, high._version, init._version)):
+                and seen[3] == _state(low, high, init)):
             return seen[4]
         values = (low.item(), high.item(), init.item() > 0.5)
-        self.__dict__["_seen"] = (low, high, init, (low._version, high._version, init._version), values)
+        self.__dict__["_seen"] = (low, high, init, _state(low, high, init), values)
         return values
 
     @torch.jit.unused
     def _remember(self, lo: float, hi: float, initialized: bool) -> None:
         buffers = self._buffers
         low, high, init = buffers["tracked_min"], buffers["tracked_max"], buffers["initialized"]
-        self.__dict__["_seen"] = (low, high, init, (low._version, high._version, init._version),
-                                  (lo, hi, initialized))
+        self.__dict__["_seen"] = (low, high, init, _state(low, high, init), (lo, hi, initialized))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -586,26 +592,34 @@ class ActivationQuantizer(_Quantizer):
         """:meth:`forward` with the range, qparams and gate as Python floats (same values)."""
         lo, hi, initialized = self._tracked_floats()
         nan_free = False
+        span = None
         if self.training:
-            seen_lo, seen_hi = torch.aminmax(x.detach())
-            seen_lo, seen_hi = self._synced(seen_lo.float(), seen_hi.float())
-            seen_lo, seen_hi = seen_lo.item(), seen_hi.item()
-            nan_free = math.isfinite(seen_lo) and math.isfinite(seen_hi)  # no NaN or inf in x
+            batch_lo, batch_hi = torch.aminmax(x.detach())
+            own = (batch_lo.item(), batch_hi.item())
+            # this process's own min and max decide the passes and the mask; the range (synced over
+            # processes with range_sync, where another rank's finite bounds replace a non-finite one)
+            # moves the EMA
+            nan_free = math.isfinite(own[0]) and math.isfinite(own[1])  # no NaN or inf in x
+            if nan_free:  # if both round within the levels, nothing clamps: no mask
+                span = own
+            if self.range_sync is None:
+                seen_lo, seen_hi = own
+            else:
+                synced = self.range_sync(batch_lo.float(), batch_hi.float())
+                seen_lo, seen_hi = synced[0].item(), synced[1].item()
             if math.isfinite(seen_lo):
                 lo = f32(lo + f32(f32(seen_lo - lo) * self.ema_weight)) if initialized else seen_lo
                 self.tracked_min.fill_(lo)
             if math.isfinite(seen_hi):
                 hi = f32(hi + f32(f32(seen_hi - hi) * self.ema_weight)) if initialized else seen_hi
                 self.tracked_max.fill_(hi)
-            if nan_free and not initialized:
+            if math.isfinite(seen_lo) and math.isfinite(seen_hi) and not initialized:
                 self.initialized.fill_(1.0)
                 initialized = True
             self._remember(lo, hi, initialized)
         if not initialized or step.item() < self.start_step:
             return x
         scale, zero_point = qparams_float(lo, hi, self.qmin, self.qmax, self.symmetric)
-        # a training batch's own min and max are known: if they round within the levels, no mask
-        span = (seen_lo, seen_hi) if self.training and nan_free else None
         return _fake_quant_on(x, scale, zero_point, self.qmin, self.qmax, nan_free, self._buffer_pool(), span)
 
 

@@ -376,6 +376,50 @@ def test_range_written_from_outside_is_read_again(tensor_path) -> None:
     assert torch.equal(bits(q(x, torch.tensor(1))), bits(tensor_path(q, x, torch.tensor(1))))
 
 
+@pytest.mark.parametrize("bad", [INF, -INF, NAN])
+def test_synced_range_does_not_hide_this_batchs_own_inf_or_nan(tensor_path, bad: float) -> None:
+    # With range_sync, another rank's finite bounds replace this batch's non-finite one; the value
+    # itself must still clamp (inf to qmax, -inf and NaN to qmin) with a zero gradient, as the kernel has
+    def other_rank_saw(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.where(torch.isfinite(lo), lo, INF)  # a non-finite bound takes no part
+        hi = torch.where(torch.isfinite(hi), hi, -INF)
+        return torch.minimum(lo, torch.tensor(-4.0)), torch.maximum(hi, torch.tensor(4.0))
+
+    def run():
+        q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
+        q.range_sync = other_rank_saw
+        x = torch.linspace(-1, 1, 9000)  # the pooled passes
+        x[0] = bad
+        x.requires_grad_()
+        out = q(x, torch.tensor(0))
+        out.backward(torch.ones_like(out))
+        return out.detach(), x.grad
+
+    (out, grad), (ref_out, ref_grad) = run(), tensor_path(run)
+    assert torch.equal(bits(out), bits(ref_out)) and torch.equal(bits(grad), bits(ref_grad))
+    assert grad[0] == 0.0 and grad[1:].eq(1.0).all()
+    assert out[1:].abs().max() <= 1.0 + 4 / 255  # this batch's values, on the synced range's levels
+    assert out[0] == (out.max() if bad == INF else out.min()) and 3.9 < out[0].abs() < 4.1  # a bound of [-4, 4]
+
+
+def test_range_swapped_in_by_load_state_dict_is_read_again(tensor_path) -> None:
+    # torch.utils.swap_tensors keeps the buffer's Python object and may keep its version counter
+    setting = QuantSetting(8, "per_tensor_affine", "uint")
+    x = torch.linspace(-5, 5, 100)
+    q, other = ActivationQuantizer(setting, 0).train(), ActivationQuantizer(setting, 0).train()
+    q(torch.linspace(-1, 1, 100), torch.tensor(0))
+    other(torch.linspace(-3, 3, 100), torch.tensor(0))
+    q.eval()
+    q(x, torch.tensor(0))  # the range is cached
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        q.load_state_dict(other.state_dict(), assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert q.tracked_max.item() == 3.0
+    assert torch.equal(bits(q(x, torch.tensor(0))), bits(tensor_path(q, x, torch.tensor(0))))
+
+
 def test_inference_mode_in_training_mode_leaves_the_pool_usable() -> None:
     quant.release_buffers()
     q = ActivationQuantizer(QuantSetting(8, "per_tensor_affine", "uint"), 0).train()
