@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import time
@@ -110,13 +111,11 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     forward = torch.compile(model) if compiled else model
     gen = torch.Generator().manual_seed(1)
-    data = [(x, y)] + [(torch.randn(x.shape, generator=gen), y[torch.randperm(len(y), generator=gen)])
-                       for _ in range(BATCHES - 1)]
-    turn = [0]
+    batches = itertools.cycle([(x, y)] + [(torch.randn(x.shape, generator=gen),
+                                           y[torch.randperm(len(y), generator=gen)]) for _ in range(BATCHES - 1)])
 
     def step() -> None:
-        xb, yb = data[turn[0] % BATCHES]
-        turn[0] += 1
+        xb, yb = next(batches)
         opt.zero_grad(set_to_none=True)
         out = forward(xb)
         loss = F.cross_entropy(out, yb) if out.dim() == 2 else out.float().mean()

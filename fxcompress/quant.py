@@ -323,14 +323,18 @@ def release_buffers() -> None:
     _POOLS.pool = None
 
 
+_ZERO = torch.zeros(())  # read-only: the 0 added in the last pass of _quantize_values
+
+
 def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor, zero_point: float | Tensor,
                      qmin: int, qmax: int, nan_free: bool, keep: bool, in_range: bool,
                      pool: BufferPool | None) -> tuple[Tensor, Tensor | None]:
     """Fake-quantized ``x`` (float32) and, if ``keep``, its float32 0/1 straight-through mask.
 
     The values of :class:`_FakeQuant`, bit for bit, in fewer passes (the zero point is never added
-    and subtracted, see below), written into buffers from ``pool`` (new tensors without one). The mask is 1 where the rounded, shifted value was
-    within ``[qmin, qmax]``, as PyTorch's kernel computes it. It is float32, not bool: one compare
+    and subtracted, see below), written into buffers from ``pool`` (new tensors without one). The
+    mask is 1 where the rounded, shifted value was within ``[qmin, qmax]``, as PyTorch's kernel
+    computes it. It is float32, not bool: one compare
     into the dead rounding buffer, and a float multiply in the backward (bool masks measured slower
     on CPU; see the README's benchmark section). With ``in_range`` (the caller has shown that every
     value rounds to a level within ``[qmin, qmax]``) the clamp would change nothing and the mask
@@ -357,9 +361,6 @@ def _quantize_values(x: Tensor, inv_scale: float | Tensor, scale: float | Tensor
     if isinstance(scale, float):
         return torch.add(_ZERO, q, alpha=scale, out=q), mask
     return q.mul_(scale).add_(0.0), mask
-
-
-_ZERO = torch.zeros(())
 
 
 def _levels_contain(lo: float, hi: float, inv_scale: float, zero_point: float, qmin: int, qmax: int) -> bool:
@@ -391,13 +392,14 @@ class _FakeQuantEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        nothing = (None,) * 8  # the other inputs take no gradient
         if not ctx.masked:
-            return grad, None, None, None, None, None, None, None, None
+            return grad, *nothing
         (mask,) = ctx.saved_tensors
         pool: BufferPool | None = ctx.pool
         if pool is None:
-            return grad * mask, None, None, None, None, None, None, None, None
-        return torch.mul(grad, mask, out=pool.take(grad)), None, None, None, None, None, None, None, None
+            return grad * mask, *nothing
+        return torch.mul(grad, mask, out=pool.take(grad)), *nothing
 
 
 #: up to this many elements PyTorch's own fake-quant kernels (one dispatch, autograd in C++) beat
@@ -489,13 +491,6 @@ class _Quantizer(nn.Module):
         return super().train(mode)
 
 
-@torch.jit.unused
-def _state(*tensors: Tensor) -> tuple[int, ...]:
-    """What changes when a tensor is written in place (its version) or swapped under the same Python
-    object (``torch.utils.swap_tensors``, as ``load_state_dict`` may do: its C++ tensor)."""
-    return tuple(v for t in tensors for v in (t._version, t._cdata))
-
-
 class ActivationQuantizer(_Quantizer):
     """Per-tensor fake-quant of an activation with an EMA (decay 0.99) min/max observer.
 
@@ -566,21 +561,27 @@ class ActivationQuantizer(_Quantizer):
     def _tracked_floats(self) -> tuple[float, float, bool]:
         """``tracked_min``, ``tracked_max`` and ``initialized`` as Python values, read from the buffers
         only when they are other tensors or were written since (their version counters say so)."""
-        buffers = self._buffers
-        low, high, init = buffers["tracked_min"], buffers["tracked_max"], buffers["initialized"]
+        tensors, state = self._range_state()
         seen = self.__dict__.get("_seen")
-        if (seen is not None and seen[0] is low and seen[1] is high and seen[2] is init
-                and seen[3] == _state(low, high, init)):
-            return seen[4]
-        values = (low.item(), high.item(), init.item() > 0.5)
-        self.__dict__["_seen"] = (low, high, init, _state(low, high, init), values)
+        if seen is not None and seen[1] == state:
+            return seen[2]
+        values = (tensors[0].item(), tensors[1].item(), tensors[2].item() > 0.5)
+        self.__dict__["_seen"] = (tensors, state, values)
         return values
 
     @torch.jit.unused
     def _remember(self, lo: float, hi: float, initialized: bool) -> None:
+        self.__dict__["_seen"] = (*self._range_state(), (lo, hi, initialized))
+
+    @torch.jit.unused
+    def _range_state(self) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """The range buffers and what changes when one is written in place (its version) or replaced,
+        also under the same Python object (``torch.utils.swap_tensors``, as ``load_state_dict`` may
+        do: its C++ tensor). The cache holds the buffers, so no freed tensor's address is reused."""
         buffers = self._buffers
         low, high, init = buffers["tracked_min"], buffers["tracked_max"], buffers["initialized"]
-        self.__dict__["_seen"] = (low, high, init, _state(low, high, init), (lo, hi, initialized))
+        # spelled out: a generator here doubles the cost of the cache hit on every forward
+        return (low, high, init), (low._version, low._cdata, high._version, high._cdata, init._version, init._cdata)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -602,10 +603,9 @@ class ActivationQuantizer(_Quantizer):
             nan_free = math.isfinite(own[0]) and math.isfinite(own[1])  # no NaN or inf in x
             if nan_free:  # if both round within the levels, nothing clamps: no mask
                 span = own
-            if self.range_sync is None:
-                seen_lo, seen_hi = own
-            else:
-                synced = self.range_sync(batch_lo.float(), batch_hi.float())
+            seen_lo, seen_hi = own
+            if self.range_sync is not None:
+                synced = self._synced(batch_lo.float(), batch_hi.float())
                 seen_lo, seen_hi = synced[0].item(), synced[1].item()
             if math.isfinite(seen_lo):
                 lo = f32(lo + f32(f32(seen_lo - lo) * self.ema_weight)) if initialized else seen_lo

@@ -270,8 +270,14 @@ def test_narrow_symmetric_rows_never_clamp_in_torch_kernel(nbits: int) -> None:
     w = (torch.randn(400, 50, generator=gen) * magnitudes[:, None]).requires_grad_()
     scale = (w.detach().abs().amax(1) / qmax).clamp(min=torch.finfo(torch.float32).eps)
     zeros = torch.zeros(400, dtype=torch.int32)
-    torch.fake_quantize_per_channel_affine(w, scale, zeros, 0, -qmax, qmax).sum().backward()
+    expected = torch.fake_quantize_per_channel_affine(w, scale, zeros, 0, -qmax, qmax)
+    expected.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
+    # and the eager passes that rely on it (20000 elements: not the kernel) give the same values
+    ours = torch.nn.Parameter(w.detach().clone())
+    out = WeightQuantizer(QuantSetting(nbits, "per_channel_symmetric", "int"), 0).train()(ours, torch.tensor(0))
+    out.sum().backward()
+    assert torch.equal(bits(out), bits(expected)) and torch.equal(ours.grad, torch.ones_like(w))
 
 
 @pytest.mark.parametrize("scheme,dtype", [("per_tensor_affine", "uint"), ("per_tensor_symmetric", "int")])
