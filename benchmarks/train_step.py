@@ -1,6 +1,7 @@
 """Training-step overhead of fxcompress and its peers, relative to the plain model.
 
     python -m benchmarks.train_step [--rounds 30] [--models seed resnet18 mlp] [--modes eager compiled]
+                                    [--device cuda]
 
 One training step = forward, backward, optimizer step (SGD, momentum) on the next of 8 fixed
 random batches (a new batch each step, as in training). For every model and mode,
@@ -8,7 +9,8 @@ all variants are timed in one process, interleaved round by round (plain, varian
 variant, ...) after warm-up; the figure is the median over rounds of variant time / the
 adjacent plain time. Peak memory of one step (parameters, gradients, optimizer state and
 activations alive at once) comes from the profiler's memory timeline (CPU) or
-``max_memory_allocated`` (CUDA), also as a ratio to plain.
+``max_memory_allocated`` (``--device cuda``), also as a ratio to plain. On CUDA every step ends with
+a synchronize, so a step's time is its GPU work, not its launch.
 """
 
 from __future__ import annotations
@@ -110,9 +112,11 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     forward = torch.compile(model) if compiled else model
-    gen = torch.Generator().manual_seed(1)
-    batches = itertools.cycle([(x, y)] + [(torch.randn(x.shape, generator=gen),
-                                           y[torch.randperm(len(y), generator=gen)]) for _ in range(BATCHES - 1)])
+    gen = torch.Generator().manual_seed(1)  # drawn on the CPU: the same batches on every device
+    batches = itertools.cycle([(x, y)] + [(torch.randn(x.shape, generator=gen).to(x.device),
+                                           y[torch.randperm(len(y), generator=gen).to(y.device)])
+                                          for _ in range(BATCHES - 1)])
+    cuda = x.device.type == "cuda"
 
     def step() -> None:
         xb, yb = next(batches)
@@ -121,13 +125,15 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool
         loss = F.cross_entropy(out, yb) if out.dim() == 2 else out.float().mean()
         loss.backward()
         opt.step()
+        if cuda:
+            torch.cuda.synchronize()
 
     return step
 
 
-def peak_memory(step: Callable[[], None]) -> int:
-    """Peak bytes allocated during one step, from the allocator's own events."""
-    if torch.cuda.is_available():
+def peak_memory(step: Callable[[], None], device: str = "cpu") -> int:
+    """Peak bytes allocated during one step on ``device``, from the allocator's own events."""
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         step()
@@ -143,8 +149,11 @@ def peak_memory(step: Callable[[], None]) -> int:
 
 
 def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] | None = None,
-                builders: dict[str, Callable[[], nn.Module]] | None = None) -> list[dict]:
-    """Rows for one model and mode: ``variants`` (or ``builders``, beside the plain model), interleaved."""
+                builders: dict[str, Callable[[], nn.Module]] | None = None, device: str = "cpu") -> list[dict]:
+    """Rows for one model and mode: ``variants`` (or ``builders``, beside the plain model), interleaved.
+
+    Every variant is built on the CPU (torch.ao prepares with a CPU example) and then moved to ``device``.
+    """
     model, x, y = model_and_batch(name)
     steps, errors = {}, {}
     if builders is not None:
@@ -153,7 +162,7 @@ def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] 
         chosen = {k: v for k, v in variants(model, x).items() if k == "plain" or not only or k in only}
     for label, build in chosen.items():
         try:
-            steps[label] = make_step(build(), x, y, compiled=mode == "compiled")
+            steps[label] = make_step(build().to(device), x.to(device), y.to(device), compiled=mode == "compiled")
             for _ in range(warmup):
                 steps[label]()
         except Exception as err:  # a peer that cannot run this mode is reported, not fatal
@@ -175,19 +184,19 @@ def bench_model(name: str, mode: str, rounds: int, warmup: int, only: list[str] 
             t0 = time.perf_counter()
             steps["plain"]()
             plain_times.append(time.perf_counter() - t0)
-    plain_peak = peak_memory(steps["plain"])
+    plain_peak = peak_memory(steps["plain"], device)
     rows = []
     for label in chosen:
         if label == "plain":
             continue
-        row = {"model": name, "mode": mode, "variant": label}
+        row = {"model": name, "mode": mode, "variant": label, "device": device}
         if label in errors:
             row["error"] = errors[label]
         else:
             row.update(time_ratio=statistics.median(ratios[label]),
-                       memory_ratio=peak_memory(steps[label]) / plain_peak)
+                       memory_ratio=peak_memory(steps[label], device) / plain_peak)
         rows.append(row)
-    rows.append({"model": name, "mode": mode, "variant": "plain", "median_step_ms":
+    rows.append({"model": name, "mode": mode, "variant": "plain", "device": device, "median_step_ms":
                  1000 * statistics.median(plain_times), "peak_bytes": plain_peak})
     return rows
 
@@ -223,6 +232,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["seed", "resnet18", "mobilenet_v3_small", "mlp"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
     parser.add_argument("--variants", nargs="+", default=None, help="only these (plain is always run)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--results", default="train_step", help="name of the JSON file under benchmarks/results")
     parser.add_argument("--readme-table", nargs="+", metavar="JSON", help="print the README table of these "
                         "result files and exit (nothing is measured)")
@@ -233,7 +243,7 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         for name in args.models:
-            rows += bench_model(name, mode, args.rounds, args.warmup, args.variants)
+            rows += bench_model(name, mode, args.rounds, args.warmup, args.variants, device=args.device)
             print(f"done {name} {mode}", flush=True)
     table = [[r["model"], r["mode"], r["variant"],
               f"{r['time_ratio']:.3f}" if "time_ratio" in r else (f"{r['median_step_ms']:.1f} ms" if
@@ -242,7 +252,7 @@ def main() -> None:
               r.get("error", "")] for r in rows]
     print(tabulate.tabulate(table, headers=["model", "mode", "variant", "step time / plain", "peak mem / plain",
                                             "error"], tablefmt="github"))
-    print(f"wrote {write_results(args.results, {'rounds': args.rounds, 'rows': rows})}")
+    print(f"wrote {write_results(args.results, {'rounds': args.rounds, 'device': args.device, 'rows': rows})}")
 
 
 if __name__ == "__main__":
