@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model, x, y = model_and_batch(args.model)
     if args.variant == "qat-fresh":  # no buffer reuse: every tensor freshly allocated
-        quant._Quantizer._buffer_pool = lambda self: None
+        quant._Quantizer._buffer_pool = lambda self, x: None
     model = model if args.variant == "plain" else fxcompress.compress(model, QAT, fold_bn=False)
     step = make_step(model, x, y, compiled=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

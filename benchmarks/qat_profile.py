@@ -35,7 +35,7 @@ __all__ = ["main"]
 
 def _observe_only(self: ActivationQuantizer, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     if self.training:
-        if quant._plain_cpu(x):
+        if quant._host_path(x):
             lo, hi = torch.aminmax(x.detach())
             lo, hi = lo.item(), hi.item()
             if math.isfinite(lo) and math.isfinite(hi):
@@ -48,7 +48,7 @@ def _observe_only(self: ActivationQuantizer, x: torch.Tensor, step: torch.Tensor
 
 def _observe_qparams(self: ActivationQuantizer, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     _observe_only(self, x, step)
-    if quant._plain_cpu(x):
+    if quant._host_path(x):
         if step.item() >= self.start_step:
             quant.qparams_float(self.tracked_min.item(), self.tracked_max.item(), self.qmin, self.qmax,
                                 self.symmetric)

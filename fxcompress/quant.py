@@ -243,22 +243,39 @@ def _fake_quant_traceable(x: Tensor, scale: Tensor, zero_point: Tensor, gate: Te
     return _FakeQuantTraceable.apply(x, scale, zero_point, gate, qmin, qmax)
 
 
-# -- plain eager on CPU -------------------------------------------------------------------------
+# -- plain eager: ranges and qparams on the host ------------------------------------------------
 
 _PLAIN_TYPES = (Tensor, nn.Parameter)
 
+#: whether eager CUDA quantizers read their range to the host (see :func:`_host_path`)
+HOST_READS_ON_CUDA = True
+
 
 @torch.jit.unused
-def _plain_cpu(x: Tensor) -> bool:
-    """Whether this call runs eagerly on plain CPU tensors, where reading a 0-dim tensor is free.
+def _host_path(x: Tensor) -> bool:
+    """Whether this call runs eagerly on plain tensors whose range and qparams are best computed as
+    Python floats: on the CPU, where reading a 0-dim tensor is free, and on CUDA (with
+    :data:`HOST_READS_ON_CUDA`), where one read of the batch's min and max replaces some 40 tiny
+    kernel launches of the tensor path (see the README's benchmark section).
 
     Not under ``torch.compile``/``torch.export`` (dynamo), ``torch.jit.trace``, a dispatch mode
-    (fake tensors, ``make_fx``, non-strict export) or functorch transforms, and not on an
-    accelerator (reading a value there waits for the device).
+    (fake tensors, ``make_fx``, non-strict export), functorch transforms or a CUDA graph capture
+    (which allows no host read).
     """
-    return (not torch.compiler.is_compiling() and type(x) in _PLAIN_TYPES and x.device.type == "cpu"
+    return (not torch.compiler.is_compiling() and type(x) in _PLAIN_TYPES
+            and (x.device.type == "cpu" or (x.device.type == "cuda" and HOST_READS_ON_CUDA
+                                            and not torch.cuda.is_current_stream_capturing()))
             and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+@torch.jit.unused
+def _read_pair(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """Two 0-dim tensors as Python floats: one device-to-host copy off the CPU, not two."""
+    if a.device.type == "cpu":
+        return a.item(), b.item()
+    low, high = torch.stack((a, b)).tolist()
+    return low, high
 
 
 class BufferPool:
@@ -410,18 +427,36 @@ KERNEL_MAX_NUMEL = 8192
 KERNEL_MAX_NUMEL_PER_CHANNEL = 4096
 
 
-_ZERO_POINTS: dict[tuple[int, int], Tensor] = {}
+_ZERO_POINTS: dict[tuple[int, int, torch.device], Tensor] = {}
+_DIVISORS: dict[tuple[float, torch.device], Tensor] = {}
 
 
 @torch.jit.unused
-def _zero_points(channels: int, value: int) -> Tensor:
-    """An int32 ``(channels,)`` tensor of ``value`` for PyTorch's per-channel kernel, made once
-    (read-only: the kernel never writes it)."""
-    zp = _ZERO_POINTS.get((channels, value))
+def _divisor(value: float, device: torch.device) -> float | Tensor:
+    """``value`` to divide a tensor on ``device`` by, correctly rounded: a float on the CPU; elsewhere a
+    0-dim float32 tensor there, made once (CUDA multiplies by the reciprocal of a Python scalar
+    divisor, which can be an ulp off the quotient)."""
+    if device.type == "cpu":
+        return value
+    key = (value, device)
+    divisor = _DIVISORS.get(key)
+    if divisor is None:
+        if len(_DIVISORS) > 64:
+            _DIVISORS.clear()
+        divisor = _DIVISORS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+    return divisor
+
+
+@torch.jit.unused
+def _zero_points(channels: int, value: int, device: torch.device) -> Tensor:
+    """An int32 ``(channels,)`` tensor of ``value`` on ``device`` for PyTorch's per-channel kernel,
+    made once (read-only: the kernel never writes it)."""
+    key = (channels, value, device)
+    zp = _ZERO_POINTS.get(key)
     if zp is None:
         if len(_ZERO_POINTS) > 512:
             _ZERO_POINTS.clear()
-        zp = _ZERO_POINTS[(channels, value)] = torch.full((channels,), value, dtype=torch.int32)
+        zp = _ZERO_POINTS[key] = torch.full((channels,), value, dtype=torch.int32, device=device)
     return zp
 
 
@@ -446,8 +481,9 @@ def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor,
             :meth:`WeightQuantizer._forward_plain`), and no mask is kept either.
     """
     xf = x if x.dtype == torch.float32 else x.float()
+    kernel = xf.device.type != "cpu"  # off the CPU PyTorch's kernels are vectorised: one launch
     if isinstance(scale, float):
-        if xf.numel() <= KERNEL_MAX_NUMEL:
+        if kernel or xf.numel() <= KERNEL_MAX_NUMEL:
             out = torch.fake_quantize_per_tensor_affine(xf, scale, int(zero_point), qmin, qmax)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
         inv_scale: float | Tensor = f32(1.0 / scale)
@@ -456,8 +492,8 @@ def _fake_quant_on(x: Tensor, scale: float | Tensor, zero_point: float | Tensor,
         # PyTorch's per-channel kernel maps values beyond int64 (inf) to qmin: used only when every
         # scale (and so every value of x, the row's range) is finite
         nan_free = math.isfinite(scale.sum().item())  # no NaN (or inf) in any row of x
-        if nan_free and xf.numel() <= KERNEL_MAX_NUMEL_PER_CHANNEL:
-            zp = _zero_points(scale.shape[0], int(zero_point)) if isinstance(zero_point, float) \
+        if nan_free and (kernel or xf.numel() <= KERNEL_MAX_NUMEL_PER_CHANNEL):
+            zp = _zero_points(scale.shape[0], int(zero_point), xf.device) if isinstance(zero_point, float) \
                 else zero_point.to(torch.int32)
             out = torch.fake_quantize_per_channel_affine(xf, scale, zp, 0, qmin, qmax)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
@@ -482,8 +518,8 @@ class _Quantizer(nn.Module):
     in training mode; putting a quantizer in eval mode releases the pool."""
 
     @torch.jit.unused
-    def _buffer_pool(self) -> BufferPool | None:
-        return buffer_pool() if self.training else None
+    def _buffer_pool(self, x: Tensor) -> BufferPool | None:
+        return buffer_pool() if self.training and x.device.type == "cpu" else None
 
     def train(self, mode: bool = True):  # noqa: ANN201 (nn.Module's own signature)
         if not mode and self.training:
@@ -531,7 +567,7 @@ class ActivationQuantizer(_Quantizer):
 
     def forward(self, x: Tensor, step: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            if _plain_cpu(x):
+            if _host_path(x):
                 return self._forward_plain(x, step)
         if self.training:
             self._observe(x)
@@ -596,7 +632,7 @@ class ActivationQuantizer(_Quantizer):
         span = None
         if self.training:
             batch_lo, batch_hi = torch.aminmax(x.detach())
-            own = (batch_lo.item(), batch_hi.item())
+            own = _read_pair(batch_lo, batch_hi)
             # this process's own min and max decide the passes and the mask; the range (synced over
             # processes with range_sync, where another rank's finite bounds replace a non-finite one)
             # moves the EMA
@@ -606,7 +642,7 @@ class ActivationQuantizer(_Quantizer):
             seen_lo, seen_hi = own
             if self.range_sync is not None:
                 synced = self._synced(batch_lo.float(), batch_hi.float())
-                seen_lo, seen_hi = synced[0].item(), synced[1].item()
+                seen_lo, seen_hi = _read_pair(synced[0], synced[1])
             if math.isfinite(seen_lo):
                 lo = f32(lo + f32(f32(seen_lo - lo) * self.ema_weight)) if initialized else seen_lo
                 self.tracked_min.fill_(lo)
@@ -620,7 +656,7 @@ class ActivationQuantizer(_Quantizer):
         if not initialized or step.item() < self.start_step:
             return x
         scale, zero_point = qparams_float(lo, hi, self.qmin, self.qmax, self.symmetric)
-        return _fake_quant_on(x, scale, zero_point, self.qmin, self.qmax, nan_free, self._buffer_pool(), span)
+        return _fake_quant_on(x, scale, zero_point, self.qmin, self.qmax, nan_free, self._buffer_pool(x), span)
 
 
 class WeightQuantizer(_Quantizer):
@@ -638,7 +674,7 @@ class WeightQuantizer(_Quantizer):
 
     def forward(self, w: Tensor, step: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            if _plain_cpu(w):
+            if _host_path(w):
                 return self._forward_plain(w, step)
         scale, zero_point = self.current_qparams(w)
         gate = step >= self.start_step
@@ -662,10 +698,10 @@ class WeightQuantizer(_Quantizer):
         if self.per_channel:
             wd = w.detach()
             rows = (wd if wd.dtype == torch.float32 else wd.float()).reshape(wd.shape[0], -1)
-            pool = self._buffer_pool()
+            pool = self._buffer_pool(w)
             if self.symmetric:  # qparams' max(-min(lo, 0), max(hi, 0)) is the row's largest |w|
                 magnitude = torch.abs(rows, out=pool.take(rows)) if pool is not None else rows.abs()
-                scale = magnitude.amax(dim=1).div_((self.qmax - self.qmin) / 2.0).clamp_(min=_EPS)
+                scale = magnitude.amax(dim=1).div_(_divisor((self.qmax - self.qmin) / 2.0, w.device)).clamp_(min=_EPS)
                 # narrow int levels (-qmax..qmax, zero point 0): the row's largest |w| times the float32
                 # reciprocal of f32(largest / qmax) is qmax within 3 float32 roundings (or below qmax
                 # when the scale is raised to eps), far from the half level that would round past
@@ -676,10 +712,9 @@ class WeightQuantizer(_Quantizer):
             # two passes beat aminmax(dim=) 15x on CPU
             scale, zero_point = qparams(rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, False)
             return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, False, pool)
-        lo, hi = torch.aminmax(w.detach())
-        lo, hi = lo.item(), hi.item()
+        lo, hi = _read_pair(*torch.aminmax(w.detach()))
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN qparams: the tensor path's values
             scale_t, zp_t = self.current_qparams(w)
             return fake_quant(w, scale_t, zp_t, torch.ones((), dtype=torch.bool), self.qmin, self.qmax, False)
         scale, zero_point = qparams_float(lo, hi, self.qmin, self.qmax, self.symmetric)
-        return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, True, self._buffer_pool(), (lo, hi))
+        return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, True, self._buffer_pool(w), (lo, hi))

@@ -16,9 +16,12 @@ import pickle
 import pytest
 import torch
 
+import fxcompress
 import fxcompress.quant as quant
 from fxcompress.quant import ActivationQuantizer, BufferPool, WeightQuantizer, f32, qparams, qparams_float
 from fxcompress.settings import QuantSetting
+
+from .fixtures import SeedModel, seed_input
 
 INF, NAN = float("inf"), float("nan")
 
@@ -34,7 +37,7 @@ def tensor_path(monkeypatch: pytest.MonkeyPatch):
 
     def run(fn, *args):
         with monkeypatch.context() as m:
-            m.setattr(quant, "_plain_cpu", lambda x: False)
+            m.setattr(quant, "_host_path", lambda x: False)
             return fn(*args)
 
     return run
@@ -435,3 +438,53 @@ def test_inference_mode_in_training_mode_leaves_the_pool_usable() -> None:
     out = q(x.requires_grad_(), torch.tensor(1))  # buffers made now are ordinary tensors
     out.sum().backward()
     assert not out.is_inference()
+
+
+# -- CUDA: the same host-read path (runs where a GPU exists; tests.cuda_check covers more) ----------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("scheme,dtype", [("per_tensor_affine", "uint"), ("per_tensor_symmetric", "int"),
+                                          ("per_channel_symmetric", "int")])
+def test_cuda_host_reads_equal_the_cpu_path_bit_for_bit(scheme: str, dtype: str) -> None:
+    per_channel = scheme.startswith("per_channel")
+    runs = {}
+    for device in ("cpu", "cuda"):
+        cls = WeightQuantizer if per_channel else ActivationQuantizer
+        q = cls(QuantSetting(8, scheme, dtype), 0).train().to(device)
+        out = []
+        for i, spread in enumerate([1.0, 3.0, 0.5]):
+            x = torch.randn(64, 16, 3, 3, generator=torch.Generator().manual_seed(i)) * spread
+            if i == 2 and not per_channel:
+                x[0, 0, 0, 0] = INF  # this bound stays as it was; the value clamps
+            x = x.to(device).requires_grad_()
+            assert quant._host_path(x)
+            y = q(x, torch.tensor(1, device=device))
+            y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(device))
+            out += [bits(y.cpu()), bits(x.grad.cpu())]
+            if not per_channel:
+                out += [bits(q.tracked_min.cpu()), bits(q.tracked_max.cpu())]
+        runs[device] = out
+    for i, (a, b) in enumerate(zip(runs["cpu"], runs["cuda"], strict=True)):
+        assert torch.equal(a, b), f"tensor {i}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_graph_capture_takes_the_tensor_path() -> None:
+    # a capture allows no host read: the quantizer records the tensor path and replays it
+    gm = fxcompress.compress(SeedModel(), [{"op_types": ["Conv2d", "Linear"], "quant_types": ["input", "weight"],
+                                            "quant_bits": 8}]).cuda()
+    x = seed_input(8).cuda()
+    gm(x)  # one training forward: the input ranges are set
+    gm.eval()
+    expected = gm(x)
+    static = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gm(static)  # warm-up off the default stream, as CUDA graphs ask
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gm(static)
+    graph.replay()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
