@@ -89,20 +89,32 @@ class StepCounter(nn.Module):
         return done
 
 
-def qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+def qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool,
+            divisor: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scale and zero point (both float32) of SPEC.md §5 for the range (lo, hi), widened to contain 0.
 
     Affine: ``scale = (max-min)/(qmax-qmin)``, ``zp = qmin - round(min/scale)`` clamped.
     Symmetric: ``scale = max(|min|,|max|) / ((qmax-qmin)/2)``, ``zp = (qmin+qmax)//2`` (0 for int).
     Scale never drops below float32 eps (written as a literal: TorchScript reads no globals).
+    ``divisor``, if given, is that denominator as a 0-dim float32 tensor on the device of ``lo``
+    (see :func:`_divisor`: CUDA rounds a division by a Python number differently).
     """
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     if symmetric:
-        scale = torch.clamp(torch.maximum(-lo, hi) / ((qmax - qmin) / 2.0), min=1.1920928955078125e-07)
+        magnitude = torch.maximum(-lo, hi)
+        if divisor is None:
+            scale = magnitude / ((qmax - qmin) / 2.0)
+        else:
+            scale = magnitude / divisor
+        scale = torch.clamp(scale, min=1.1920928955078125e-07)
         zero_point = torch.full_like(scale, float((qmin + qmax) // 2))
     else:
-        scale = torch.clamp((hi - lo) / float(qmax - qmin), min=1.1920928955078125e-07)
+        if divisor is None:
+            scale = (hi - lo) / float(qmax - qmin)
+        else:
+            scale = (hi - lo) / divisor
+        scale = torch.clamp(scale, min=1.1920928955078125e-07)
         zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
     return scale, zero_point
 
@@ -710,7 +722,9 @@ class WeightQuantizer(_Quantizer):
                 return _fake_quant_on(w, scale, float((self.qmin + self.qmax) // 2), self.qmin, self.qmax, False,
                                       pool, narrow_symmetric=narrow)
             # two passes beat aminmax(dim=) 15x on CPU
-            scale, zero_point = qparams(rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, False)
+            divisor = _divisor(float(self.qmax - self.qmin), w.device)
+            scale, zero_point = qparams(rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, False,
+                                        None if isinstance(divisor, float) else divisor)
             return _fake_quant_on(w, scale, zero_point, self.qmin, self.qmax, False, pool)
         lo, hi = _read_pair(*torch.aminmax(w.detach()))
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN qparams: the tensor path's values

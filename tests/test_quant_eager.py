@@ -444,7 +444,7 @@ def test_inference_mode_in_training_mode_leaves_the_pool_usable() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("scheme,dtype", [("per_tensor_affine", "uint"), ("per_tensor_symmetric", "int"),
-                                          ("per_channel_symmetric", "int")])
+                                          ("per_channel_symmetric", "int"), ("per_channel_affine", "uint")])
 def test_cuda_host_reads_equal_the_cpu_path_bit_for_bit(scheme: str, dtype: str) -> None:
     per_channel = scheme.startswith("per_channel")
     runs = {}
