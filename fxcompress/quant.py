@@ -83,10 +83,46 @@ class StepCounter(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
 
     def forward(self) -> Tensor:
+        if not torch.jit.is_scripting():
+            if _host_path(self.step):
+                return self._forward_host()
         done = self.step.clone()
         if self.training and self.counts_forwards:
             self.step.add_(1)
         return done
+
+    @torch.jit.unused
+    def _forward_host(self) -> Tensor:
+        """:meth:`forward`, with the count also kept as a Python int: the quantizers read it from the
+        returned tensor (:func:`_step_value`) instead of from the device, and the buffer is read only
+        after someone else wrote it (its version counter or C++ tensor changed)."""
+        step = self.step
+        seen = self.__dict__.get("_seen")
+        if seen is not None and seen[0] is step and seen[1] == (step._version, step._cdata):
+            value = seen[2]
+        else:
+            value = int(step.item())
+        done = step.clone()
+        if self.training and self.counts_forwards:
+            step.add_(1)
+            value_after = value + 1
+        else:
+            value_after = value
+        self.__dict__["_seen"] = (step, (step._version, step._cdata), value_after)
+        done.fxcompress_step_value = value  # read by _step_value; a plain tensor attribute
+        return done
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_seen", None)  # a cache of the buffer's value: neither copied nor pickled
+        return state
+
+
+@torch.jit.unused
+def _step_value(step: Tensor) -> int:
+    """The completed-step count in ``step``: kept on the tensor by :class:`StepCounter`, read otherwise."""
+    value = getattr(step, "fxcompress_step_value", None)
+    return step.item() if value is None else value
 
 
 def qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool,
@@ -665,7 +701,7 @@ class ActivationQuantizer(_Quantizer):
                 self.initialized.fill_(1.0)
                 initialized = True
             self._remember(lo, hi, initialized)
-        if not initialized or step.item() < self.start_step:
+        if not initialized or _step_value(step) < self.start_step:
             return x
         scale, zero_point = qparams_float(lo, hi, self.qmin, self.qmax, self.symmetric)
         return _fake_quant_on(x, scale, zero_point, self.qmin, self.qmax, nan_free, self._buffer_pool(x), span)
@@ -705,7 +741,7 @@ class WeightQuantizer(_Quantizer):
     @torch.jit.unused
     def _forward_plain(self, w: Tensor, step: Tensor) -> Tensor:
         """:meth:`forward` with the gate (and a per-tensor scale) as Python floats (same values)."""
-        if step.item() < self.start_step:
+        if _step_value(step) < self.start_step:
             return w
         if self.per_channel:
             wd = w.detach()

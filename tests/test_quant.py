@@ -202,6 +202,37 @@ def test_set_and_get_step() -> None:
         fxcompress.get_step(fxcompress.compress(MLP(), [{"op_types": ["Linear"], "sparsity_per_layer": 0.5}]))
 
 
+def test_step_is_read_from_its_buffer_only_after_a_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the counter keeps the count as a Python int: on CUDA every read is a device synchronization
+    torch.manual_seed(0)
+    gm = fxcompress.compress(MLP(), QCFG)
+    x = torch.randn(8, 6)
+    counter = gm.get_submodule("fxcompress_step")
+    reads = []
+    item = torch.Tensor.item
+
+    def counted(t: torch.Tensor):  # noqa: ANN202
+        if t.dtype == torch.int64 and t.dim() == 0:
+            reads.append(int(item(t)))
+        return item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    equal = [torch.equal(gm(x), float_forward(gm, x)) for _ in range(5)]
+    assert equal == [True, True, True, False, False] and reads == [0]  # one read, in the first forward
+    fxcompress.set_step(gm, 1)  # a write (fill_) bumps the buffer's version: read again
+    assert torch.equal(gm(x), float_forward(gm, x)) and reads == [0, 1]
+    with torch.no_grad():
+        counter.step.add_(5)  # any in-place write
+    assert not torch.equal(gm(x), float_forward(gm, x)) and reads == [0, 1, 7]
+    gm.eval()
+    for _ in range(3):
+        gm(x)
+    assert reads == [0, 1, 7] and fxcompress.get_step(gm) == 8
+    done = counter()
+    assert done.fxcompress_step_value == 8 and int(done) == 8 and counter.step.item() == 8
+    assert "_seen" not in copy.deepcopy(counter).__dict__
+
+
 def test_graph_has_visible_quant_nodes() -> None:
     gm = fxcompress.compress(SeedModel(), [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5,
                                             "quant_types": ["input", "weight", "output"], "quant_bits": 8}])
