@@ -18,8 +18,12 @@ quantization starts (the gate is a tensor computation, as the quantizers' is).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from fxcompress.quant import _host_path, _step_value
 
 __all__ = ["bn_fold_scale", "scale_bias", "scale_rows", "unscale_channels"]
 
@@ -28,10 +32,53 @@ def bn_fold_scale(gamma: Tensor | None, running_var: Tensor, eps: float, step: T
     """``gamma / sqrt(running_var + eps)`` per channel (``gamma`` None: a BatchNorm without affine), 0 -> 1;
     all ones before ``start_step`` (``step`` completed steps), so that the model computes exactly the
     unfolded float model until quantization starts."""
+    if not torch.jit.is_scripting():
+        if _host_path(running_var):  # eager: the gate as a Python value, half the tensor ops
+            return _bn_fold_scale_eager(gamma, running_var, eps, step, start_step)
+        running_var = _read_before_update(running_var)
     inv_std = torch.rsqrt(running_var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
     folding = (scale != 0) & (step >= start_step)
     return torch.where(folding, scale, torch.ones_like(scale))
+
+
+@torch.library.custom_op("fxcompress::buffer_snapshot", mutates_args=())
+def _buffer_snapshot(x: Tensor) -> Tensor:
+    """A copy of ``x``, as an op the compiler's partitioner never recomputes in the backward."""
+    return x.clone()
+
+
+@_buffer_snapshot.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.jit.unused
+def _read_before_update(running_var: Tensor) -> Tensor:
+    """``running_var`` as read now, also for the backward of a ``torch.compile``d training step.
+
+    The BatchNorm after the conv updates ``running_var`` in place later in the same forward.
+    AOTAutograd's partitioner may recompute ``rsqrt(running_var + eps)`` in the backward instead of
+    saving it, and the recomputation then reads the updated buffer: the fold scale of the backward
+    is not the forward's, and the gradients of the conv's weight and bias and the BatchNorm's
+    parameters come out wrong (torch 2.14.1; pytorch/pytorch PR 197039 proposes the fix upstream).
+    A snapshot through an opaque op is saved instead (a few bytes per channel). Export and
+    eager are unaffected (no backward is partitioned) and read the buffer directly.
+    """
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return _buffer_snapshot(running_var)
+    return running_var
+
+
+@torch.jit.unused
+def _bn_fold_scale_eager(gamma: Tensor | None, running_var: Tensor, eps: float, step: Tensor,
+                         start_step: int) -> Tensor:
+    """:func:`bn_fold_scale` with the gate read on the host (same values and gradient)."""
+    if _step_value(step) < start_step:
+        return torch.ones_like(running_var)
+    inv_std = torch.rsqrt(running_var + eps)
+    scale = inv_std if gamma is None else gamma * inv_std
+    return torch.where(scale != 0, scale, 1.0)
 
 
 def scale_rows(weight: Tensor, scale: Tensor) -> Tensor:
@@ -48,4 +95,38 @@ def scale_bias(bias: Tensor | None, scale: Tensor) -> Tensor | None:
 
 def unscale_channels(y: Tensor, scale: Tensor) -> Tensor:
     """``y`` with channel ``i`` (dim 1) divided by ``scale[i]``."""
+    if not torch.jit.is_scripting():
+        return _unscale(y, scale)
     return y / scale.reshape([1, -1] + [1] * (y.dim() - 2))
+
+
+class _Unscale(torch.autograd.Function):
+    """``y / s`` per channel, with a backward that keeps the quotient instead of ``y``.
+
+    PyTorch's division saves ``y``, a tensor nothing else keeps: the BatchNorm after the conv keeps
+    the quotient. Here the quotient ``out`` is saved, so folding keeps no extra activation-sized tensor
+    per conv, and the scale's gradient is ``-sum(grad * out) / s`` (PyTorch's is ``sum(-grad * y / s²)``:
+    the same math, rounded differently).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, scale: Tensor) -> Tensor:
+        s = scale.reshape([1, -1] + [1] * (y.dim() - 2))
+        out = y / s
+        ctx.save_for_backward(out, s)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        out, s = ctx.saved_tensors
+        grad_y = grad / s if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            dims = [0, *range(2, grad.dim())]
+            grad_scale = ((grad * out).sum(dims) / s.reshape(-1)).neg_()
+        return grad_y, grad_scale
+
+
+@torch.jit.unused
+def _unscale(y: Tensor, scale: Tensor) -> Tensor:
+    return _Unscale.apply(y, scale)

@@ -162,3 +162,78 @@ def test_calibration_describes_the_weight_the_quantizer_sees() -> None:
     side = gm.side.weight * gm.side.weight_mask
     assert torch.allclose(torch.tensor(fields["side"]["weight_scale"]),
                           side.reshape(4, -1).abs().amax(dim=1) / 127.0, rtol=1e-6)
+
+
+# -- the fold's functions: eager fast versions against plain autograd ------------------------------
+
+def test_unscale_gradient_is_the_divisions_and_keeps_only_the_quotient() -> None:
+    from fxcompress.folding import unscale_channels
+
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(4, 6, 5, 5, generator=gen, requires_grad=True)
+    s = (torch.rand(6, generator=gen) + 0.5) * torch.tensor([1.0, -1.0, 1.0, 1.0, -2.0, 1.0])
+    s.requires_grad_()
+    g = torch.randn(4, 6, 5, 5, generator=gen)
+    out = unscale_channels(y, s)
+    saved = out.grad_fn.saved_tensors  # the quotient (the BatchNorm keeps it anyway) and s; not y
+    assert saved[0].data_ptr() == out.data_ptr() and y.data_ptr() not in {t.data_ptr() for t in saved}
+    out.backward(g)
+    y2, s2 = y.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    ref = y2 / s2.reshape(1, -1, 1, 1)  # PyTorch's division and its autograd
+    ref.backward(g)
+    assert torch.equal(out, ref) and torch.equal(y.grad, y2.grad)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_eager_fold_scale_equals_the_tensor_path(step: int) -> None:
+    from fxcompress import folding
+
+    gamma = torch.tensor([0.5, 0.0, -1.5, 2.0], requires_grad=True)
+    var = torch.tensor([1.0, 2.0, 0.25, 4.0])
+    fast = folding.bn_fold_scale(gamma, var, 1e-5, torch.tensor(step), 3)
+    ref = torch.where(torch.tensor(step >= 3), gamma / torch.sqrt(var + 1e-5), 1.0)
+    expected = torch.where(ref != 0, ref, 1.0)  # a 0 scale (gamma 0) divides by 1
+    torch.testing.assert_close(fast, expected, rtol=1e-6, atol=0)
+    with pytest.MonkeyPatch.context() as m:  # the traced/compiled path, for the bits
+        m.setattr(folding, "_host_path", lambda x: False)
+        tensor_path = folding.bn_fold_scale(gamma, var, 1e-5, torch.tensor(step), 3)
+    assert torch.equal(fast, tensor_path)
+    if step >= 3:
+        (fast * torch.arange(4.0)).sum().backward()
+        inv_std = torch.rsqrt(var + 1e-5)
+        assert torch.equal(gamma.grad, torch.tensor([0.0, 0.0, 2.0, 3.0]) * inv_std * torch.tensor([1.0, 0, 1, 1]))
+
+
+def test_folded_model_gradients_match_plain_division(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxcompress.passes import fold_bn
+
+    def train_grads() -> list[torch.Tensor]:
+        gm = fxcompress.compress(model(), W8)
+        gm.train()
+        gm(X)  # ranges set
+        gm.zero_grad()
+        gm(X).square().mean().backward()
+        return [p.grad.clone() for p in gm.parameters()]
+
+    fast = train_grads()
+    monkeypatch.setattr(fold_bn, "unscale_channels", lambda y, s: y / s.reshape(1, -1, 1, 1))
+    plain = train_grads()
+    assert len(fast) == len(plain) == 9
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_training_gradients_equal_eager() -> None:
+    # the BatchNorm updates running_var later in the forward that reads it for the fold scale: the
+    # compiled backward must use the forward's scale, not one recomputed from the updated buffer
+    eager, compiled = fxcompress.compress(model(), W8), fxcompress.compress(model(), W8)
+    step = torch.compile(compiled, fullgraph=True)
+    for i in range(3):
+        x = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(i)) * (1 + i)
+        eager.zero_grad(), compiled.zero_grad()
+        eager(x).square().mean().backward()
+        step(x).square().mean().backward()
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=f"step {i}: {name}")
+    torch.testing.assert_close(compiled.bn.running_var, eager.bn.running_var, rtol=1e-5, atol=0)
