@@ -33,7 +33,7 @@ def bn_fold_scale(gamma: Tensor | None, running_var: Tensor, eps: float, step: T
     all ones before ``start_step`` (``step`` completed steps), so that the model computes exactly the
     unfolded float model until quantization starts."""
     if not torch.jit.is_scripting():
-        if _host_path(running_var):  # eager: the gate as a Python value, half the tensor ops
+        if _host_path(running_var) and _step_known(step):  # eager: the gate as a Python value, half the ops
             return _bn_fold_scale_eager(gamma, running_var, eps, step, start_step)
         running_var = _read_before_update(running_var)
     inv_std = torch.rsqrt(running_var + eps)
@@ -63,11 +63,19 @@ def _read_before_update(running_var: Tensor) -> Tensor:
     is not the forward's, and the gradients of the conv's weight and bias and the BatchNorm's
     parameters come out wrong (torch 2.14.1; pytorch/pytorch PR 197039 proposes the fix upstream).
     A snapshot through an opaque op is saved instead (a few bytes per channel). Export and
-    eager are unaffected (no backward is partitioned) and read the buffer directly.
+    eager are unaffected (no backward is partitioned) and read the buffer directly; a training
+    program exported and then compiled for training would meet the partitioner without the snapshot.
     """
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return _buffer_snapshot(running_var)
     return running_var
+
+
+@torch.jit.unused
+def _step_known(step: Tensor) -> bool:
+    """Whether reading ``step`` costs no device synchronization: it is on the CPU, or it is the step
+    counter's output, which carries its value (a finalized model's plain step buffer on CUDA does not)."""
+    return step.device.type == "cpu" or hasattr(step, "fxcompress_step_value")
 
 
 @torch.jit.unused
@@ -96,8 +104,17 @@ def scale_bias(bias: Tensor | None, scale: Tensor) -> Tensor | None:
 def unscale_channels(y: Tensor, scale: Tensor) -> Tensor:
     """``y`` with channel ``i`` (dim 1) divided by ``scale[i]``."""
     if not torch.jit.is_scripting():
-        return _unscale(y, scale)
+        if _keeps_quotient(y, scale):
+            return _unscale(y, scale)
     return y / scale.reshape([1, -1] + [1] * (y.dim() - 2))
+
+
+@torch.jit.unused
+def _keeps_quotient(y: Tensor, scale: Tensor) -> bool:
+    """Whether :class:`_Unscale` is worth it: a gradient is recorded, and not by ``torch.jit.trace``
+    (a traced Python autograd Function cannot be saved with ``torch.jit.save``)."""
+    return (torch.is_grad_enabled() and (y.requires_grad or scale.requires_grad)
+            and not torch.jit.is_tracing())
 
 
 class _Unscale(torch.autograd.Function):
@@ -106,24 +123,25 @@ class _Unscale(torch.autograd.Function):
     PyTorch's division saves ``y``, a tensor nothing else keeps: the BatchNorm after the conv keeps
     the quotient. Here the quotient ``out`` is saved, so folding keeps no extra activation-sized tensor
     per conv, and the scale's gradient is ``-sum(grad * out) / s`` (PyTorch's is ``sum(-grad * y / s²)``:
-    the same math, rounded differently).
+    the same math, rounded differently). Saving the quotient means that an in-place change of the
+    BatchNorm's input (a user's pre-hook, say) raises autograd's version error, as the BatchNorm's
+    own saved input would. The scale is saved as given, so a double backward differentiates through it.
     """
 
     @staticmethod
     def forward(ctx: Any, y: Tensor, scale: Tensor) -> Tensor:
-        s = scale.reshape([1, -1] + [1] * (y.dim() - 2))
-        out = y / s
-        ctx.save_for_backward(out, s)
+        out = y / scale.reshape([1, -1] + [1] * (y.dim() - 2))
+        ctx.save_for_backward(out, scale)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        out, s = ctx.saved_tensors
-        grad_y = grad / s if ctx.needs_input_grad[0] else None
+        out, scale = ctx.saved_tensors
+        grad_y = grad / scale.reshape([1, -1] + [1] * (grad.dim() - 2)) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
             dims = [0, *range(2, grad.dim())]
-            grad_scale = ((grad * out).sum(dims) / s.reshape(-1)).neg_()
+            grad_scale = -((grad * out).sum(dims) / scale)
         return grad_y, grad_scale
 
 

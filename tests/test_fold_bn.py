@@ -237,3 +237,33 @@ def test_compiled_training_gradients_equal_eager() -> None:
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=f"step {i}: {name}")
     torch.testing.assert_close(compiled.bn.running_var, eager.bn.running_var, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dims", [3, 4, 5])
+def test_unscale_double_backward(dims: int) -> None:
+    # a gradient penalty differentiates the backward: the scale must stay in its graph
+    from fxcompress.folding import unscale_channels
+
+    gen = torch.Generator().manual_seed(dims)
+    y = torch.randn(2, 3, *[4] * (dims - 2), generator=gen, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(unscale_channels, (y, s))
+
+
+def test_traced_finalized_folded_model_can_be_saved(tmp_path) -> None:  # noqa: ANN001 (pytest fixture)
+    gm = fxcompress.compress(model(), W8)
+    gm(X)
+    final = fxcompress.finalize(gm).eval()
+    traced = torch.jit.trace(final, X)  # gradients recorded: the trace takes the plain division
+    torch.jit.save(traced, tmp_path / "m.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(X), final(X))
+
+
+def test_fold_gate_is_read_on_the_host_only_without_a_device_sync() -> None:
+    from fxcompress.folding import _step_known
+
+    assert _step_known(torch.tensor(3))
+    counted = torch.empty((), device="meta")
+    assert not _step_known(counted)  # an accelerator's plain step buffer: the tensor gate
+    counted.fxcompress_step_value = 3
+    assert _step_known(counted)
