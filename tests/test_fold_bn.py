@@ -250,6 +250,7 @@ def test_unscale_double_backward(dims: int) -> None:
     assert torch.autograd.gradgradcheck(unscale_channels, (y, s))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_traced_finalized_folded_model_can_be_saved(tmp_path) -> None:  # noqa: ANN001 (pytest fixture)
     gm = fxcompress.compress(model(), W8)
     gm(X)
