@@ -23,8 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fxcompress.quant import _host_path, _step_value
-
 __all__ = ["bn_fold_scale", "scale_bias", "scale_rows", "unscale_channels"]
 
 
@@ -33,8 +31,6 @@ def bn_fold_scale(gamma: Tensor | None, running_var: Tensor, eps: float, step: T
     all ones before ``start_step`` (``step`` completed steps), so that the model computes exactly the
     unfolded float model until quantization starts."""
     if not torch.jit.is_scripting():
-        if _host_path(running_var) and _step_known(step):  # eager: the gate as a Python value, half the ops
-            return _bn_fold_scale_eager(gamma, running_var, eps, step, start_step)
         running_var = _read_before_update(running_var)
     inv_std = torch.rsqrt(running_var + eps)
     scale = inv_std if gamma is None else gamma * inv_std
@@ -71,24 +67,6 @@ def _read_before_update(running_var: Tensor) -> Tensor:
     return running_var
 
 
-@torch.jit.unused
-def _step_known(step: Tensor) -> bool:
-    """Whether reading ``step`` costs no device synchronization: it is on the CPU, or it is the step
-    counter's output, which carries its value (a finalized model's plain step buffer on CUDA does not)."""
-    return step.device.type == "cpu" or hasattr(step, "fxcompress_step_value")
-
-
-@torch.jit.unused
-def _bn_fold_scale_eager(gamma: Tensor | None, running_var: Tensor, eps: float, step: Tensor,
-                         start_step: int) -> Tensor:
-    """:func:`bn_fold_scale` with the gate read on the host (same values and gradient)."""
-    if _step_value(step) < start_step:
-        return torch.ones_like(running_var)
-    inv_std = torch.rsqrt(running_var + eps)
-    scale = inv_std if gamma is None else gamma * inv_std
-    return torch.where(scale != 0, scale, 1.0)
-
-
 def scale_rows(weight: Tensor, scale: Tensor) -> Tensor:
     """``weight`` with output channel ``i`` (dim 0) multiplied by ``scale[i]``."""
     return weight * scale.reshape([-1] + [1] * (weight.dim() - 1))
@@ -106,7 +84,12 @@ def unscale_channels(y: Tensor, scale: Tensor) -> Tensor:
     if not torch.jit.is_scripting():
         if _keeps_quotient(y, scale):
             return _unscale(y, scale)
-    return y / scale.reshape([1, -1] + [1] * (y.dim() - 2))
+    return y / _per_channel(scale, y.dim())
+
+
+def _per_channel(scale: Tensor, dims: int) -> Tensor:
+    """``scale`` shaped to broadcast over dim 1 of a ``dims``-dimensional tensor."""
+    return scale.reshape([1, -1] + [1] * (dims - 2))
 
 
 @torch.jit.unused
@@ -130,14 +113,14 @@ class _Unscale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, y: Tensor, scale: Tensor) -> Tensor:
-        out = y / scale.reshape([1, -1] + [1] * (y.dim() - 2))
+        out = y / _per_channel(scale, y.dim())
         ctx.save_for_backward(out, scale)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         out, scale = ctx.saved_tensors
-        grad_y = grad / scale.reshape([1, -1] + [1] * (grad.dim() - 2)) if ctx.needs_input_grad[0] else None
+        grad_y = grad / _per_channel(scale, grad.dim()) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
             dims = [0, *range(2, grad.dim())]

@@ -97,18 +97,13 @@ class StepCounter(nn.Module):
         returned tensor (:func:`_step_value`) instead of from the device, and the buffer is read only
         after someone else wrote it (its version counter or C++ tensor changed)."""
         step = self.step
-        seen = self.__dict__.get("_seen")
-        if seen is not None and seen[0] is step and seen[1] == (step._version, step._cdata):
-            value = seen[2]
-        else:
-            value = int(step.item())
+        seen = self.__dict__.get("_seen")  # holds the buffer: no freed tensor's address is reused
+        value = seen[2] if seen is not None and seen[1] == (step._version, step._cdata) else int(step.item())
         done = step.clone()
-        if self.training and self.counts_forwards:
+        counting = self.training and self.counts_forwards
+        if counting:
             step.add_(1)
-            value_after = value + 1
-        else:
-            value_after = value
-        self.__dict__["_seen"] = (step, (step._version, step._cdata), value_after)
+        self.__dict__["_seen"] = (step, (step._version, step._cdata), value + counting)
         done.fxcompress_step_value = value  # read by _step_value; a plain tensor attribute
         return done
 
